@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the project's virtual environment in .venv and installs CTXAI with its test
+# dependencies. Idempotent: a stamp holding the hash of the inputs skips the install when nothing changed.
+# Source it from the other scripts; it exports CTXAI_PY (the venv's python) and activates the venv.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$repo/.venv"
+stamp="$venv/.ctxai-installed"
+want="$(cat "$repo/pyproject.toml" "$repo/Utilities/constraints.txt" "$repo/Utilities/bootstrap.sh" | sha256sum | cut -d' ' -f1)"
+
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[bootstrap] installing CTXAI and its dependencies into $venv (first run only)" >&2
+  # torch first, pinned, on its own: pip would otherwise resolve the newest CUDA build.
+  "$venv/bin/python" -m pip install --disable-pip-version-check -q "torch==2.13.0"
+  "$venv/bin/python" -m pip install --disable-pip-version-check -q -c "$repo/Utilities/constraints.txt" -e "$repo[test]"
+  echo "$want" > "$stamp"
+fi
+export CTXAI_PY="$venv/bin/python"
+export PATH="$venv/bin:$PATH"
+# Headless machines: VTK renders offscreen through EGL, matplotlib without a display.
+export MPLBACKEND=Agg
