@@ -1,0 +1,480 @@
+"""The explainer: checks the input, predicts, resolves the target, plans the tiles and runs a method over them.
+
+>>> from CTXAILib import Explainer, Target, Volume, BoxRegion, Box           # doctest: +SKIP
+>>> explainer = Explainer("Resources/Models/classifier.json", device="auto")  # doctest: +SKIP
+>>> result = explainer.explain(volume, "gradcam", Target("pore", region=BoxRegion(Box((10, 10, 10), (58, 58, 58)))))
+...                                                                          # doctest: +SKIP
+>>> result.attribution.same_geometry(volume)                                 # doctest: +SKIP
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import methods  # noqa: F401  (registers every method)
+from .baselines import make_baseline
+from .errors import InputError, LayerError, MethodError, ModelError
+from .geometry import Box, Volume
+from .methods.registry import MethodSpec, TileContext, VolumeContext, get_method
+from .models import LoadedModel, load_model
+from .progress import CancelToken, ProgressCallback, RunMonitor
+from .runtime import MemoryBudget, activation_bytes, autocast, resolve_device, with_backoff
+from .sliding import TileGrid, batched, crop_padded, predict_tiles
+from .targets import ResolvedTarget, Target
+
+__all__ = ["Explainer", "Explanation", "ScoreModel", "volume_sha256"]
+
+_BATCH_LIMIT = 64
+
+
+def volume_sha256(volume: Volume) -> str:
+    """Digest of a volume's voxels and geometry: the run record's input hash."""
+    digest = hashlib.sha256()
+    array = np.ascontiguousarray(volume.array)
+    digest.update(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(memoryview(array).cast("B"))
+    digest.update(np.asarray(volume.ijk_to_ras, dtype=np.float64).tobytes())
+    return digest.hexdigest()
+
+
+def activate(output: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "softmax":
+        return torch.softmax(output, dim=1)
+    if activation == "sigmoid":
+        return torch.sigmoid(output)
+    return output
+
+
+class ScoreModel(nn.Module):
+    """The model followed by a linear target: input tile (N, C, D, H, W) -> score (N,).
+
+    ``weights`` has the shape of one sample's output, (classes,) or (classes, D, H, W); ``activation`` is applied
+    first when the target is a probability. Every call ticks the run monitor, which is where progress is counted
+    and cancellation happens.
+    """
+
+    def __init__(self, network: nn.Module, weights: torch.Tensor, activation: str, monitor: RunMonitor,
+                 precision: str = "fp32"):
+        super().__init__()
+        self.network = network
+        self.register_buffer("weights", weights)
+        self.activation = activation
+        self.monitor = monitor
+        self.precision = precision
+
+    def reduce(self, output: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        """The target score of a model output; ``activation`` overrides the target's (LRP explains logits)."""
+        output = activate(output.float(), self.activation if activation is None else activation)
+        if output.shape[1:] != self.weights.shape:
+            raise ModelError(f"The model's output per sample has shape {tuple(output.shape[1:])}, but this target "
+                             f"needs {tuple(self.weights.shape)} (segmentation outputs must match the input size). "
+                             "Check the model card's task, class_names and patch_size.")
+        return (output * self.weights).flatten(1).sum(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.monitor.tick(x.shape[0])
+        with autocast(x.device, self.precision):
+            output = self.network(x)
+        if torch.is_grad_enabled() and x.requires_grad and not output.requires_grad:
+            raise MethodError("The model's output has no gradient with respect to its input (it detaches, "
+                              "thresholds or runs under no_grad), so gradient methods cannot explain it. Use a "
+                              "perturbation method: occlusion, lime, kernel_shap or feature_ablation.")
+        return self.reduce(output)
+
+
+@dataclass
+class Explanation:
+    """The result of one run. ``attribution`` is float32 (k, j, i) in the input's exact geometry (or the
+    computed extent's, with ``output="extent"``); ``confidence`` is the segmentation model's probability of the
+    target class over the whole input (None for classifiers)."""
+
+    attribution: Volume
+    method: str
+    settings: dict[str, Any]
+    signed: bool
+    family: str
+    target: dict[str, Any]
+    layer: str | None
+    prediction: dict[str, Any]
+    extent: Box
+    confidence: Volume | None
+    timings: dict[str, float]
+    device: str
+    precision: str
+    input_sha256: str
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Prepared:
+    volume: Volume
+    x: torch.Tensor            # (1, C, K, J, I) normalised, CPU
+    sha256: str
+    air: float                 # normalised air value
+    probabilities: np.ndarray | None = None  # segmentation: blended (classes, K, J, I)
+
+
+@dataclass
+class _Plan:
+    grid: TileGrid
+    tiles: list[Box]
+    extent: Box
+    weights: list[torch.Tensor]  # per tile, the target's weights over one output sample
+
+
+class Explainer:
+    """Explains a model's predictions on volumes; keeps the model on its device and the last volume prepared.
+
+    ``memory_mb`` bounds activation memory (default: a share of free GPU memory or RAM); batch sizes follow it
+    and halve on out-of-memory. ``overlap`` and ``halo`` shape the sliding window (see :mod:`.sliding`).
+    """
+
+    def __init__(self, model: LoadedModel | str | Path, device: str | torch.device = "auto", precision: str = "fp32",
+                 memory_mb: float | None = None, overlap: float = 0.25, halo: int | None = None):
+        self.device = resolve_device(device)
+        self.model = model if isinstance(model, LoadedModel) else load_model(model)
+        self.model.to(self.device)
+        self.precision = precision
+        with autocast(self.device, precision):  # validates the precision name now rather than mid-run
+            pass
+        self.budget = MemoryBudget.default(self.device, memory_mb)
+        if not 0.0 <= overlap < 1.0:
+            raise InputError(f"Sliding-window overlap must be in [0, 1), got {overlap}.")
+        self.overlap = overlap
+        patch = self.model.card.patch_shape
+        self.halo = halo if halo is not None else (min(patch) // 8 if patch else 0)
+        self._prepared: _Prepared | None = None
+        self._per_sample: dict[tuple, int] = {}
+
+    # ----------------------------------------------------------------------------------------------- input
+    def prepare(self, volume: Volume) -> _Prepared:
+        """Check a volume against the model and normalise it; the last one is kept for the next run."""
+        if not isinstance(volume, Volume):
+            raise InputError(f"Expected a CTXAILib.Volume, got {type(volume).__name__}. Wrap arrays with "
+                             "Volume(array, spacing, origin, directions) or read a file with read_volume().")
+        card = self.model.card
+        if volume.channels != card.input_channels:
+            raise InputError(f"Model {card.name!r} expects {card.input_channels} input channel(s) but the volume has "
+                             f"{volume.channels} (array shape {volume.array.shape}). Give a "
+                             f"{'scalar' if card.input_channels == 1 else f'{card.input_channels}-component'} volume.")
+        if not np.issubdtype(volume.array.dtype, np.number) or np.issubdtype(volume.array.dtype, np.complexfloating):
+            raise InputError(f"Volume voxels must be real numbers, got dtype {volume.array.dtype}.")
+        bad = ~np.isfinite(volume.array) if np.issubdtype(volume.array.dtype, np.floating) else None
+        if bad is not None and bad.any():
+            first = np.argwhere(bad)[0][-3:][::-1]
+            raise InputError(f"The volume has {int(bad.sum())} NaN or infinite voxel(s), the first at voxel "
+                             f"{tuple(int(v) for v in first)} (i,j,k). Replace them (e.g. threshold or fill the "
+                             "volume in Slicer) before explaining: they would poison every attribution.")
+        sha = volume_sha256(volume)
+        if self._prepared is not None and self._prepared.sha256 == sha:
+            return self._prepared
+        array = volume.array if volume.array.ndim == 4 else volume.array[None]
+        x = torch.from_numpy(card.normalization.apply(array))[None]
+        air = float(card.normalization.apply(card.raw_air(float(np.min(volume.array)))))
+        self._prepared = _Prepared(volume, x, sha, air)
+        return self._prepared
+
+    def _spacing_warnings(self, volume: Volume) -> list[str]:
+        expected = self.model.card.spacing_mm
+        if expected is None:
+            return []
+        ratio = np.asarray(volume.spacing) / np.asarray(expected)
+        if np.all(np.abs(ratio - 1.0) <= 0.1):
+            return []
+        return [f"Voxel spacing {tuple(round(s, 4) for s in volume.spacing)} mm differs from the "
+                f"{tuple(expected)} mm model {self.model.card.name!r} was trained at; CTXAI does not resample, so "
+                "defects look {:.2g}x their trained size. Resample the volume in Slicer for faithful results."
+                .format(float(np.mean(1.0 / ratio)))]
+
+    # ---------------------------------------------------------------------------------------- prediction
+    def _run_model(self, inputs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), autocast(self.device, self.precision):
+            return activate(self.model(inputs.to(self.device)).float(), self.model.card.output_activation)
+
+    def _forward_batch(self, shape: tuple[int, ...]) -> int:
+        """Tiles per forward-only batch: activations are freed layer by layer without autograd."""
+        return self.budget.batch_size(self._sample_bytes(shape) // 2, _BATCH_LIMIT)
+
+    def _sample_bytes(self, shape: tuple[int, ...]) -> int:
+        key = tuple(shape)
+        if key not in self._per_sample:
+            example = torch.zeros((1, self.model.card.input_channels) + key, device=self.device)
+            self._per_sample[key] = activation_bytes(self.model.module, example) + example.numel() * 8
+        return self._per_sample[key]
+
+    def segmentation_probabilities(self, prepared: _Prepared, progress: ProgressCallback | None = None,
+                                   cancel: CancelToken | None = None) -> np.ndarray:
+        """Blended sliding-window class probabilities (classes, K, J, I) of the whole volume, cached."""
+        if prepared.probabilities is None:
+            grid = self._grid(prepared.volume.shape)
+            monitor = RunMonitor(len(grid.tiles), progress, cancel, message="predicting (sliding window)")
+            start = monitor.done
+            prepared.probabilities = with_backoff(
+                lambda b: predict_tiles(self._run_model, prepared.x, grid, Box.whole(prepared.volume.shape), b,
+                                        monitor.tick),
+                self._forward_batch(grid.patch), on_retry=lambda _b: monitor.rewind(start))
+        return prepared.probabilities
+
+    def class_probabilities(self, prepared: _Prepared, extent: Box, monitor: RunMonitor | None = None) -> np.ndarray:
+        """A classifier's class probabilities for the patch at ``extent`` (averaged over its tiles if larger)."""
+        tiles = self._grid(prepared.volume.shape, extent).tiles
+        total = 0.0
+        for batch in batched(tiles, self._forward_batch(tiles[0].shape)):
+            if monitor is not None:
+                monitor.check_cancel()
+            inputs = torch.cat([crop_padded(prepared.x, tile) for tile in batch])
+            total = total + self._run_model(inputs).cpu().numpy().sum(axis=0)
+        return total / len(tiles)
+
+    # -------------------------------------------------------------------------------------------- plan
+    def _grid(self, shape: tuple[int, int, int], extent: Box | None = None) -> TileGrid:
+        return TileGrid(shape, self.model.card.patch_shape, self.overlap, extent, self.halo)
+
+    def _plan(self, shape: tuple[int, int, int], target: ResolvedTarget) -> _Plan:
+        card = self.model.card
+        classes = len(card.class_names)
+        channels = target.channel_weights(classes)
+        if card.task == "classification":
+            extent = self._place_patch(target.box, shape)
+            grid = self._grid(shape, extent)
+            share = channels / len(grid.tiles)
+            return _Plan(grid, grid.tiles, extent, [share.clone() for _ in grid.tiles])
+        grid = self._grid(shape)
+        tiles = grid.select(target.box)
+        extent = grid.covering(tiles)
+        normaliser = grid.normaliser(extent)
+        weights = []
+        kept = []
+        for tile in tiles:
+            region = target.region_weights(tile)
+            if region is None:
+                continue
+            share = np.zeros(tile.shape, np.float32)
+            TileGrid.accumulate(share, tile, extent, normaliser)
+            voxel = region * grid.importance(tile) / np.maximum(share, 1e-12)
+            weights.append(channels[:, None, None, None] * torch.from_numpy(voxel)[None])
+            kept.append(tile)
+        return _Plan(grid, kept, extent, weights)
+
+    def _place_patch(self, region: Box, shape: tuple[int, int, int]) -> Box:
+        """A classifier's extent: the region grown to at least one patch, centred, moved inside the volume."""
+        patch = self.model.card.patch_size
+        if patch is None:
+            return region
+        lo, hi = [], []
+        for axis, n in enumerate(reversed(shape)):
+            a, b = region.lo[axis], region.hi[axis]
+            if b - a < patch[axis]:
+                a = (a + b - patch[axis]) // 2
+                b = a + patch[axis]
+            if n >= b - a:  # shift inside; a volume smaller than the patch keeps it padded around itself
+                shift = max(0, -a) - max(0, b - n)
+                a, b = a + shift, b + shift
+            lo.append(a)
+            hi.append(b)
+        return Box(lo, hi).clip(shape) if all(n >= p for n, p in zip(reversed(shape), patch)) else Box(lo, hi)
+
+    # ------------------------------------------------------------------------------------------ explain
+    def explain(self, volume: Volume, method: str, target: Target | str | int | None = None,
+                layer: str | None = None, settings: dict[str, Any] | None = None,
+                progress: ProgressCallback | None = None, cancel: CancelToken | None = None, seed: int = 0,
+                output: str = "full") -> Explanation:
+        """Explain ``target`` on ``volume`` with ``method``; blocking. See the module docstring.
+
+        ``output="full"`` returns the map in the input's geometry (zero outside the computed extent);
+        ``output="extent"`` returns only the extent, with its exact sub-box geometry.
+        """
+        started = time.perf_counter()
+        spec = get_method(method)
+        values = spec.validate(settings)
+        target = target if isinstance(target, Target) else Target(target)
+        if output not in ("full", "extent"):
+            raise InputError(f"output must be 'full' or 'extent', got {output!r}.")
+        card = self.model.card
+        if spec.segmentation_only and card.task != "segmentation":
+            raise MethodError(f"{spec.label} is the segmentation model's own probability map; model {card.name!r} "
+                              "is a classifier, whose class probabilities are in the prediction.")
+        if spec.needs_hooks and self.model.is_torchscript:
+            raise MethodError(f"{spec.label} hooks the model's layers, but model {card.name!r} is TorchScript, "
+                              "whose layers run compiled. Use a gradient or perturbation method, or load a "
+                              "state_dict with an architecture named in the model card.")
+        monitor = RunMonitor(callback=progress, cancel=cancel, message=spec.label)
+        monitor.report("preparing input", 0.0)
+        prepared = self.prepare(volume)
+        warnings = list(self.model.warnings) + self._spacing_warnings(volume)
+        shape = volume.shape
+        timings = {"prepare_s": time.perf_counter() - started}
+
+        probabilities = class_probs = None
+        if card.task == "segmentation":
+            probabilities = self.segmentation_probabilities(prepared, progress, cancel)
+            resolved = target.resolve(card, shape, class_masks=self._class_masks(probabilities))
+        else:
+            def classify(box: Box) -> int:
+                return int(np.argmax(self.class_probabilities(prepared, self._place_patch(box, shape), monitor)))
+
+            resolved = target.resolve(card, shape, classify=classify)
+            class_probs = self.class_probabilities(prepared, self._place_patch(resolved.box, shape), monitor)
+        timings["predict_s"] = time.perf_counter() - started - timings["prepare_s"]
+
+        plan = self._plan(shape, resolved)
+        layer_module, layer_name = self._layer(spec, layer, plan.grid.patch)
+        tiles_run = 1 if spec.aggregation == "volume" else len(plan.tiles)
+        monitor.total = max(spec.samples(values, plan.extent.shape) * tiles_run, 1.0)
+        monitor.report(f"{spec.label}: {len(plan.tiles)} tile(s)", 0.0)
+
+        t0 = time.perf_counter()
+        baselines = _Baselines(prepared, plan.extent, volume.spacing)
+        # LRP redistributes the logit; the other methods explain the target's score as asked.
+        score = "logit" if spec.family == "relevance" else resolved.score
+        activation = card.output_activation if score == "probability" else "none"
+        if spec.aggregation == "volume":
+            result = self._run_volume(spec, values, prepared, plan, resolved, activation, baselines, monitor, seed,
+                                      probabilities)
+        else:
+            result = self._run_tiles(spec, values, prepared, plan, layer_module, activation, baselines, monitor, seed)
+        timings["explain_s"] = time.perf_counter() - t0
+        if spec.absolute:
+            result = np.abs(result)
+        result = result.sum(axis=0)  # one map per voxel: the input channels' attributions add up
+        if not np.all(np.isfinite(result)):
+            raise MethodError(f"{spec.label} produced non-finite values on this input (numerical overflow); try "
+                              "fp32 precision or other settings.")
+
+        extent_volume = volume.crop(plan.extent).with_array(result.astype(np.float32))
+        attribution = volume.embed(extent_volume, plan.extent) if output == "full" else extent_volume
+        confidence = None
+        if probabilities is not None:
+            confidence = volume.with_array(np.ascontiguousarray(probabilities[resolved.class_index], np.float32))
+            prediction = self._segmentation_summary(probabilities, resolved)
+        else:
+            prediction = {"task": "classification", "predicted_class": card.class_names[int(np.argmax(class_probs))],
+                          "probabilities": {n: float(p) for n, p in zip(card.class_names, class_probs)},
+                          "target_probability": float(class_probs[resolved.class_index])}
+        timings["total_s"] = time.perf_counter() - started
+        monitor.report("done", 1.0)
+        return Explanation(
+            attribution=attribution, method=spec.name, settings=values, signed=spec.signed, family=spec.family,
+            target={"class": card.class_names[resolved.class_index],
+                    "contrast": None if resolved.contrast_index is None else card.class_names[resolved.contrast_index],
+                    "score": score, "region": target.region.describe(),
+                    "box": [list(resolved.box.lo), list(resolved.box.hi)]},
+            layer=layer_name, prediction=prediction, extent=plan.extent, confidence=confidence, timings=timings,
+            device=str(self.device), precision=self.precision, input_sha256=prepared.sha256, warnings=warnings)
+
+    def _class_masks(self, probabilities: np.ndarray) -> Callable[[int], np.ndarray]:
+        def mask(index: int) -> np.ndarray:
+            if self.model.card.output_activation == "softmax":
+                return probabilities.argmax(axis=0) == index
+            return probabilities[index] > 0.5
+        return mask
+
+    def _segmentation_summary(self, probabilities: np.ndarray, target: ResolvedTarget) -> dict[str, Any]:
+        card = self.model.card
+        p = probabilities[target.class_index][target.box.slices]
+        inside = p if target.mask is None else p[target.mask]
+        predicted = self._class_masks(probabilities)(target.class_index)
+        return {"task": "segmentation", "class": card.class_names[target.class_index],
+                "region_voxels": int(inside.size),
+                "predicted_voxels_in_region": int((predicted[target.box.slices] if target.mask is None
+                                                   else predicted[target.box.slices][target.mask]).sum()),
+                "mean_probability_in_region": float(inside.mean()), "max_probability_in_region": float(inside.max()),
+                "predicted_voxels_in_volume": int(predicted.sum())}
+
+    def _layer(self, spec: MethodSpec, name: str | None, patch: tuple[int, int, int]) -> tuple[nn.Module | None, str | None]:
+        if not spec.needs_layer:
+            return None, None
+        name = name or self.model.default_layer()
+        module = self.model.get_layer(name)
+        info = {i.name: i for i in self.model.layers(patch)}.get(name)
+        if info is None or not info.spatial:
+            shape = None if info is None else info.output_shape
+            raise LayerError(f"Layer {name!r} outputs {shape}, not a 3-D feature map (N, C, D, H, W), so "
+                             f"{spec.label} cannot use it. Pick a convolution layer (`ctxai layers` lists them).")
+        return module, name
+
+    def _run_tiles(self, spec: MethodSpec, values: dict, prepared: _Prepared, plan: _Plan, layer: nn.Module | None,
+                   activation: str, baselines: _Baselines, monitor: RunMonitor, seed: int) -> np.ndarray:
+        total = np.zeros((prepared.x.shape[1],) + plan.extent.shape, np.float32)
+        weight_sum = np.zeros(plan.extent.shape, np.float32)
+        per_sample = self._sample_bytes(plan.grid.patch) * 3  # activations + their gradients + the input's
+        batch = self.budget.batch_size(per_sample, _BATCH_LIMIT)
+        for index, (tile, weights) in enumerate(zip(plan.tiles, plan.weights)):
+            x = crop_padded(prepared.x, tile).to(self.device)
+            score = ScoreModel(self.model.module, weights.to(self.device), activation, monitor, self.precision)
+            start = monitor.done
+
+            def run(batch_size: int) -> torch.Tensor:
+                ctx = TileContext(x=x, score=score, model=self.model, layer=layer,
+                                  baseline=lambda kind, sigma=2.0: baselines.crop(kind, sigma, tile).to(self.device),
+                                  batch_size=batch_size, seed=seed + index)
+                return spec.kernel(ctx, values)
+
+            attribution = with_backoff(run, batch, on_retry=lambda _b: monitor.rewind(start))
+            values_np = attribution.detach().float().cpu().numpy()
+            if spec.aggregation == "sum":
+                TileGrid.accumulate(total[:values_np.shape[0]], plan.extent, tile, values_np)
+            else:
+                blend = plan.grid.blend_weights(tile)
+                TileGrid.accumulate(total[:values_np.shape[0]], plan.extent, tile, values_np * blend)
+                TileGrid.accumulate(weight_sum, plan.extent, tile, blend)
+        if spec.aggregation == "blend":
+            total = total / np.maximum(weight_sum, 1e-12)
+        return total
+
+    def _run_volume(self, spec: MethodSpec, values: dict, prepared: _Prepared, plan: _Plan, target: ResolvedTarget,
+                    activation: str, baselines: _Baselines, monitor: RunMonitor, seed: int,
+                    probabilities: np.ndarray | None) -> np.ndarray:
+        x = crop_padded(prepared.x, plan.extent)
+        tiles = [tile.offset([-v for v in plan.extent.lo]) for tile in plan.tiles]
+        weights = [w.to(self.device) for w in plan.weights]
+
+        def forward(batch: torch.Tensor) -> torch.Tensor:
+            monitor.tick(batch.shape[0])
+            scores = torch.zeros(batch.shape[0])
+            for tile, w in zip(tiles, weights):
+                with torch.no_grad(), autocast(self.device, self.precision):
+                    out = self.model(crop_padded(batch, tile).to(self.device))
+                scores += (activate(out.float(), activation) * w).flatten(1).sum(1).cpu()
+            return scores
+
+        per_sample = self._sample_bytes(plan.grid.patch) // 2 + x.numel() * 4
+        batch = self.budget.batch_size(per_sample, _BATCH_LIMIT)
+        crop = None if probabilities is None else (lambda: probabilities[(slice(None),) + plan.extent.slices])
+        start = monitor.done
+
+        def run(batch_size: int) -> torch.Tensor:
+            ctx = VolumeContext(x=x, forward=forward, baseline=baselines.extent, batch_size=batch_size, seed=seed,
+                                spacing=prepared.volume.spacing, target=target, probabilities=crop)
+            return spec.kernel(ctx, values)
+
+        return with_backoff(run, batch, on_retry=lambda _b: monitor.rewind(start)).detach().float().cpu().numpy()
+
+
+class _Baselines:
+    """Baselines computed once over the extent (so blur and part mean see the whole part) and cropped per tile."""
+
+    def __init__(self, prepared: _Prepared, extent: Box, spacing: tuple[float, float, float]):
+        self.x = crop_padded(prepared.x, extent)
+        self.extent_box = extent
+        self.air = prepared.air
+        self.spacing = spacing
+        self._cache: dict[tuple[str, float], torch.Tensor] = {}
+
+    def extent(self, kind: str, sigma_mm: float = 2.0) -> torch.Tensor:
+        key = (kind, float(sigma_mm))
+        if key not in self._cache:
+            self._cache[key] = make_baseline(kind, self.x, self.air, self.spacing, sigma_mm)
+        return self._cache[key]
+
+    def crop(self, kind: str, sigma_mm: float, tile: Box) -> torch.Tensor:
+        return crop_padded(self.extent(kind, sigma_mm), tile.offset([-v for v in self.extent_box.lo]))

@@ -1,0 +1,174 @@
+"""The one sliding-window path every method runs through for volumes larger than the model's patch.
+
+The model of a large volume *is* its sliding-window inference: tiles of the patch size on a grid with overlap, each
+tile's activated output weighted by a Gaussian importance map and normalised by the sum of weights. A target is a
+linear function of that blended output (:mod:`.targets`), so it splits exactly into one weighted target per tile:
+
+    T(x) = sum_t sum_v  m(v) g_t(v) / W(v)  a_t(x_t)(v)        (segmentation)
+    T(x) = mean_t  a_t(x_t)                                    (classification: class evidence over the tiles)
+
+Methods that are linear in the target (gradients, IG, SmoothGrad, GradientSHAP, DeepLIFT, guided backprop, LRP)
+therefore give the whole-volume answer as the sum of their per-tile answers. CAMs are not linear and are blended
+with the same Gaussian weights; a ``halo`` of voxels at inner tile borders is left out of the blend because CAMs of
+zero-padded borders are unreliable. Perturbation methods evaluate the tiled model itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .geometry import Box
+
+__all__ = ["TileGrid", "batched", "crop_padded", "gaussian_importance", "predict_tiles"]
+
+
+def gaussian_importance(patch: Sequence[int], sigma_scale: float = 0.125) -> np.ndarray:
+    """Gaussian weights over a (k, j, i) patch, 1 at the centre, never below 1e-3 (edges still count a little)."""
+    axes = []
+    for n in patch:
+        x = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
+        sigma = max(n * sigma_scale, 1e-6)
+        axes.append(np.exp(-0.5 * (x / sigma) ** 2))
+    weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    return np.maximum(weights / weights.max(), 1e-3).astype(np.float32)
+
+
+def _starts(size: int, patch: int, step: int) -> list[int]:
+    if size <= patch:
+        return [0]
+    starts = list(range(0, size - patch, step))
+    starts.append(size - patch)
+    return sorted(set(starts))
+
+
+def crop_padded(x: torch.Tensor, box: Box) -> torch.Tensor:
+    """``x[..., box]`` for an (N, C, K, J, I) tensor, replicating edge voxels where the box leaves the volume."""
+    shape = x.shape[-3:]
+    inside = box.clip(shape)
+    piece = x[(...,) + inside.slices]
+    # F.pad takes (i_before, i_after, j_before, j_after, k_before, k_after).
+    pad = []
+    for axis in range(3):
+        pad += [inside.lo[axis] - box.lo[axis], box.hi[axis] - inside.hi[axis]]
+    if any(pad):
+        piece = F.pad(piece, pad, mode="replicate")
+    return piece
+
+
+@dataclass
+class TileGrid:
+    """Tiles of ``patch`` (k, j, i) over ``extent`` of a volume of ``shape`` with fractional ``overlap``.
+
+    A patch larger than the volume along an axis gives one tile there, padded (see :func:`crop_padded`).
+    ``patch=None`` means the model takes any size: one tile, the whole extent.
+
+    >>> grid = TileGrid(shape=(40, 40, 40), patch=(32, 32, 32), overlap=0.5)
+    >>> len(grid.tiles), grid.tiles[-1].hi
+    (8, (40, 40, 40))
+    """
+
+    shape: tuple[int, int, int]
+    patch: tuple[int, int, int] | None
+    overlap: float = 0.25
+    extent: Box | None = None
+    halo: int = 0
+
+    def __post_init__(self) -> None:
+        self.extent = self.extent or Box.whole(self.shape)
+        if self.patch is None:
+            self.patch = self.extent.shape
+        lo, size = self.extent.lo, self.extent.size
+        patch_ijk = tuple(reversed(self.patch))
+        per_axis = []
+        for axis in range(3):
+            step = max(1, int(round(patch_ijk[axis] * (1.0 - self.overlap))))
+            per_axis.append([lo[axis] + s for s in _starts(size[axis], patch_ijk[axis], step)])
+        self.tiles = [Box(start, tuple(s + p for s, p in zip(start, patch_ijk)))
+                      for start in itertools.product(*per_axis)]
+        self._importance = gaussian_importance(self.patch)
+
+    def select(self, region: Box) -> list[Box]:
+        """Tiles that touch ``region``."""
+        return [tile for tile in self.tiles if not tile.intersect(region).empty]
+
+    def covering(self, tiles: Iterable[Box]) -> Box:
+        """The part of the volume the given tiles cover."""
+        tiles = list(tiles)
+        return Box(np.min([t.lo for t in tiles], axis=0), np.max([t.hi for t in tiles], axis=0)).clip(self.shape)
+
+    def importance(self, tile: Box) -> np.ndarray:
+        """Gaussian weights of ``tile`` in the blend of model outputs (the same for every tile)."""
+        return self._importance
+
+    def blend_weights(self, tile: Box) -> np.ndarray:
+        """Weights of ``tile`` when blending CAMs: the Gaussian, with inner tile borders (the halo) left out."""
+        if not self.halo:
+            return self._importance
+        weights = self._importance.copy()
+        for axis_kji in range(3):
+            axis_ijk = 2 - axis_kji
+            h = min(self.halo, self.patch[axis_kji] // 4)
+            # Keep borders that lie on the extent's edge: no other tile can cover them.
+            index = [slice(None)] * 3
+            if tile.lo[axis_ijk] > self.extent.lo[axis_ijk]:
+                index[axis_kji] = slice(0, h)
+                weights[tuple(index)] = 1e-6
+            if tile.hi[axis_ijk] < self.extent.hi[axis_ijk]:
+                index[axis_kji] = slice(self.patch[axis_kji] - h, None)
+                weights[tuple(index)] = 1e-6
+        return weights
+
+    def normaliser(self, box: Box) -> np.ndarray:
+        """Sum of all tiles' blending weights over ``box`` (k, j, i): the denominator W(v) of the blend."""
+        total = np.zeros(box.shape, np.float32)
+        for tile in self.select(box):
+            self.accumulate(total, box, tile, self.importance(tile))
+        return total
+
+    @staticmethod
+    def accumulate(out: np.ndarray, out_box: Box, tile: Box, values: np.ndarray) -> None:
+        """``out[overlap] += values[overlap]`` where ``out`` covers ``out_box`` and ``values`` covers ``tile``.
+
+        ``values`` may carry leading channel axes matching ``out``'s.
+        """
+        overlap = tile.intersect(out_box)
+        if overlap.empty:
+            return
+        out[(...,) + overlap.offset([-v for v in out_box.lo]).slices] += \
+            values[(...,) + overlap.offset([-v for v in tile.lo]).slices]
+
+
+
+def batched(items: Sequence, size: int) -> Iterable[list]:
+    """Consecutive chunks of at most ``size`` items."""
+    for start in range(0, len(items), max(1, size)):
+        yield list(items[start:start + max(1, size)])
+
+
+def predict_tiles(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grid: TileGrid, box: Box,
+                  batch_size: int, on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+    """Blended sliding-window output of a segmentation model over ``box``: (C, K, J, I) float32 on the CPU.
+
+    ``run`` maps a batch of input tiles (B, C, *patch) to activated outputs (B, C_out, *patch).
+    """
+    tiles = grid.select(box)
+    total, weight = None, np.zeros(box.shape, np.float32)
+    for batch in batched(tiles, batch_size):
+        if on_batch is not None:
+            on_batch(len(batch))
+        inputs = torch.cat([crop_padded(x, tile) for tile in batch])
+        with torch.no_grad():
+            outputs = run(inputs).float().cpu().numpy()
+        if total is None:
+            total = np.zeros((outputs.shape[1],) + box.shape, np.float32)
+        for tile, output in zip(batch, outputs):
+            importance = grid.importance(tile)
+            grid.accumulate(total, box, tile, output * importance)
+            grid.accumulate(weight, box, tile, importance)
+    return total / np.maximum(weight, 1e-12)
