@@ -44,23 +44,26 @@ def test_cancel_stops_ig_within_one_batch(classifier_card, volume):
 
 
 def test_cancel_from_another_thread(classifier_card, volume):
-    """The GUI sets the flag from another thread; the run stops at the next batch, well before it would end."""
+    """The GUI sets the flag from another thread; no batch starts after that, and the run ends right after the
+    batch in flight (timed against the batches themselves, so a slow machine does not matter)."""
     model = load_model(classifier_card)
-    batch_ends = []
-    model.module.register_forward_hook(lambda m, i, o: batch_ends.append(time.perf_counter()))
+    starts, ends = [], []
+    model.module.register_forward_pre_hook(lambda m, i: starts.append(time.perf_counter()))
+    model.module.register_forward_hook(lambda m, i, o: ends.append(time.perf_counter()))
     explainer = Explainer(model, device="cpu", memory_mb=64)
     explainer.prepare(volume)
     event = threading.Event()
     set_at = []
-    timer = threading.Timer(1.0, lambda: (set_at.append(time.perf_counter()), event.set()))
-    timer.start()
+    timer = threading.Timer(0.2, lambda: (set_at.append(time.perf_counter()), event.set()))
+    # Start the clock once IG is running (its set-up is not a batch), as an analyst would press Cancel.
+    model.module.register_forward_hook(lambda m, i, o: timer.start() if len(ends) == 5 else None)
     with pytest.raises(Cancelled):
-        explainer.explain(volume, "integrated_gradients", Target("pore"), settings={"steps": 1024}, cancel=event)
+        explainer.explain(volume, "integrated_gradients", Target("pore"), settings={"steps": 512}, cancel=event)
     stopped = time.perf_counter()
     timer.join()
-    batch_time = np.median(np.diff(batch_ends[1:])) if len(batch_ends) > 2 else 1.0
-    # Latency: at most the batch in flight when the flag was set, plus bookkeeping.
-    assert stopped - set_at[0] <= batch_time + 0.5, (stopped - set_at[0], batch_time)
+    assert not [t for t in starts if t > set_at[0]], "a batch started after cancel was requested"
+    in_flight_end = max([e for e in ends if e > set_at[0]], default=set_at[0])
+    assert stopped - in_flight_end < 0.5
 
 
 def test_progress_reports(classifier_card, volume):
