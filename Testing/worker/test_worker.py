@@ -1,0 +1,151 @@
+"""The worker as a real subprocess, driven by the same client the Slicer module uses: progress, non-blocking
+polls, cooperative and forced cancel, crash recovery, a warm model, clean errors and private temp files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import time
+
+import numpy as np
+import pytest
+
+from CTXAILib import Cancelled
+from CTXAILib.client import WorkerClient, WorkerError, volume_from_message, volume_message
+
+
+@pytest.fixture
+def client():
+    client = WorkerClient()
+    yield client
+    client.stop()
+
+
+def explain_request(client, card, volume, method="integrated_gradients", **extra):
+    request = {"model": str(card), "volume": volume_message(volume, client.exchange / "input.npy"),
+               "method": method, "target": {"class": "pore", "region": {"type": "whole"}},
+               "device": "cpu", "out_dir": str(client.exchange)}
+    request.update(extra)
+    return request
+
+
+def wait_for(client, job, kinds=("result", "error", "cancelled"), timeout_s=120.0):
+    """Poll like the GUI's QTimer would; returns (final message, all messages, longest poll in seconds)."""
+    seen, longest = [], 0.0
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        started = time.perf_counter()
+        messages = client.poll()
+        longest = max(longest, time.perf_counter() - started)
+        seen += messages
+        for message in messages:
+            if message.get("id") == job and message["type"] in kinds:
+                return message, seen, longest
+        time.sleep(0.02)
+    raise AssertionError(f"no reply for job {job} within {timeout_s} s; stderr:\n{client.stderr_tail()}")
+
+
+def test_progress_result_and_non_blocking_polls(client, classifier_card, volume):
+    job = client.submit("explain", **explain_request(client, classifier_card, volume,
+                                                     settings={"steps": 256}, memory_mb=64))
+    final, seen, longest = wait_for(client, job)
+    assert final["type"] == "result", final
+    progress = [m for m in seen if m["type"] == "progress" and m["id"] == job]
+    assert len(progress) >= 3 and any(m["eta_s"] is not None for m in progress)
+    assert progress[-1]["fraction"] == 1.0
+    assert longest < 0.1, f"a poll blocked the GUI for {longest * 1000:.0f} ms"
+    attribution = volume_from_message(final["result"]["attribution"])
+    assert attribution.same_geometry(volume) and np.isfinite(attribution.array).all()
+    assert final["result"]["record"]["method"]["name"] == "integrated_gradients"
+
+
+def test_second_run_reuses_the_warm_model(client, classifier_card, volume):
+    first = client.call("explain", **explain_request(client, classifier_card, volume, method="gradcam"))
+    pid = client.process.pid
+    second = client.call("explain", **explain_request(client, classifier_card, volume, method="saliency"))
+    assert not first["model_reused"] and second["model_reused"]
+    assert client.process.pid == pid and client.starts == 1
+
+
+def test_cooperative_cancel_within_one_batch(client, classifier_card, volume):
+    job = client.submit("explain", **explain_request(client, classifier_card, volume,
+                                                     settings={"steps": 1024}, memory_mb=16))
+    seen = []
+    while not [m for m in seen if m.get("type") == "progress" and m.get("fraction", 0) > 0.02]:
+        seen += client.poll()
+        time.sleep(0.02)
+    asked = time.monotonic()
+    client.cancel(job)
+    final, _, _ = wait_for(client, job)
+    assert final["type"] == "cancelled" and not final.get("forced")
+    assert time.monotonic() - asked < 5.0
+    assert client.alive and client.starts == 1  # the worker lives on, its model still warm
+    again = client.call("explain", **explain_request(client, classifier_card, volume, method="saliency"))
+    assert again["model_reused"]
+
+
+def test_forced_cancel_kills_and_restarts(client, classifier_card, volume):
+    job = client.submit("explain", **explain_request(client, classifier_card, volume,
+                                                     settings={"steps": 1024}, memory_mb=16))
+    wait_for(client, job, kinds=("progress",))
+    client.cancel(job, grace_s=0.0)  # no grace: as if the worker were stuck inside one long batch
+    final, _, _ = wait_for(client, job)
+    assert final["type"] == "cancelled" and final["forced"]
+    assert not client.alive
+    result = client.call("explain", **explain_request(client, classifier_card, volume, method="saliency"))
+    assert client.starts == 2 and not result["model_reused"]
+
+
+def test_killed_worker_is_reported_and_restarted(client, classifier_card, volume):
+    job = client.submit("explain", **explain_request(client, classifier_card, volume,
+                                                     settings={"steps": 1024}, memory_mb=16))
+    wait_for(client, job, kinds=("progress",))
+    os.kill(client.process.pid, signal.SIGKILL)
+    final, _, _ = wait_for(client, job)
+    assert final["type"] == "error" and final["error"] == "WorkerCrashed"
+    assert "stopped unexpectedly" in final["message"] and "Run it again" in final["message"]
+    result = client.call("explain", **explain_request(client, classifier_card, volume, method="saliency"))
+    assert client.starts == 2 and np.isfinite(volume_from_message(result["attribution"]).array).all()
+
+
+def test_errors_come_back_typed_and_the_worker_survives(client, classifier_card, unet_card, volume):
+    with pytest.raises(WorkerError, match="Class 'void' is not predicted") as info:
+        client.call("explain", **explain_request(client, classifier_card, volume,
+                                                 target={"class": "void", "region": {"type": "whole"}}))
+    assert info.value.kind == "TargetError"
+    with pytest.raises(WorkerError, match="lies outside the volume") as info:
+        client.call("explain", **explain_request(client, unet_card, volume, target={
+            "class": "defect", "region": {"type": "box", "lo": [90, 90, 90], "hi": [99, 99, 99]}}))
+    assert info.value.kind == "RegionError"
+    assert client.alive and client.starts == 1
+
+
+def test_cancel_through_call_raises_cancelled(client, classifier_card, volume):
+    import threading
+
+    flag = threading.Event()
+    threading.Timer(1.5, flag.set).start()
+    with pytest.raises(Cancelled):
+        client.call("explain", cancel=flag, **explain_request(client, classifier_card, volume,
+                                                              settings={"steps": 1024}, memory_mb=16))
+
+
+def test_describe_model_and_methods(client, unet_card):
+    description = client.call("describe_model", model=str(unet_card), device="cpu")
+    assert description["card"]["task"] == "segmentation" and description["default_layer"] == "decoders.1.conv2"
+    assert any(layer["name"] == "head" and layer["cam_usable"] for layer in description["layers"])
+    methods = {m["name"] for m in client.call("methods")}
+    assert {"gradcam", "lrp", "occlusion", "confidence"} <= methods
+
+
+def test_exchange_folder_is_private_and_removed(classifier_card, volume):
+    client = WorkerClient()
+    try:
+        client.call("explain", **explain_request(client, classifier_card, volume, method="saliency"))
+        mode = stat.S_IMODE(os.stat(client.exchange).st_mode)
+        assert mode == 0o700
+        assert list(client.exchange.glob("*.npy"))
+    finally:
+        client.stop()
+    assert not client.exchange.exists()
