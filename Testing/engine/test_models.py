@@ -195,7 +195,7 @@ def test_missing_files(tmp_path, classifier_card):
 def test_layers_and_default(classifier_card, unet_card):
     model = load_model(classifier_card)
     layers = {info.name: info for info in model.layers()}
-    assert layers["features.block4.conv2"].output_shape == (1, 16, 4, 4, 4)
+    assert layers["features.block4.conv2"].output_shape == (1, 16, 8, 8, 8)  # two poolings: 1/4 resolution
     assert layers["classifier"].output_shape == (1, 4) and not layers["classifier"].spatial
     assert model.default_layer() == "features.block4.conv2"
     unet = load_model(unet_card)

@@ -136,3 +136,13 @@ def test_halo_leaves_inner_borders_out_of_blend():
     assert grid.blend_weights(inner)[:4].max() <= 1e-6 and grid.blend_weights(inner)[-4:].max() <= 1e-6
     assert grid.blend_weights(corner)[0].max() > 1e-6  # the volume's own border stays covered
     assert grid.blend_weights(corner)[-4:].max() <= 1e-6
+
+
+def test_separable_normaliser_equals_the_sum_of_tile_weights():
+    grid = TileGrid(shape=(37, 50, 29), patch=(16, 24, 16), overlap=0.4)
+    brute = np.zeros((37, 50, 29))
+    for tile in grid.tiles:
+        TileGrid.accumulate(brute, Box.whole((37, 50, 29)), tile, grid.importance(tile).astype(np.float64))
+    np.testing.assert_allclose(grid.normaliser(Box.whole((37, 50, 29))), brute, rtol=1e-5)
+    inner = Box((3, 5, 7), (20, 30, 25))
+    np.testing.assert_allclose(grid.normaliser(inner), brute[inner.slices], rtol=1e-5)
