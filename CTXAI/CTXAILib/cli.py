@@ -152,7 +152,7 @@ def _cmd_explain(args) -> int:
     bar = None if args.quiet else TerminalProgress()
     try:
         result = explainer.explain(volume, args.method, target, layer=args.layer, settings=dict(args.set or []),
-                                   progress=bar, seed=args.seed, output=args.output)
+                                   progress=bar, seed=args.seed, output=args.output, quality=args.quality)
     finally:
         if bar is not None:
             bar.close()
@@ -164,6 +164,10 @@ def _cmd_explain(args) -> int:
                f"{prediction['class']}")
     print(f"{result.method} on {Path(args.volume).name}: target {result.target['class']}; {summary}; "
           f"{result.timings['total_s']:.1f} s on {result.device}")
+    if result.quality.get("deletion_auc") is not None:
+        q = result.quality
+        print(f"  faithfulness: deletion AUC {q['deletion_auc']:.3f} (random order {q['deletion_auc_random']:.3f}), "
+              f"insertion AUC {q['insertion_auc']:.3f} (random order {q['insertion_auc_random']:.3f})")
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     for key, path in written.items():
@@ -206,9 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", choices=("full", "extent"), default="full",
                    help="map over the whole input (default) or only the computed extent")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling methods")
+    p.add_argument("--quality", action="store_true",
+                   help="also measure the map's faithfulness (deletion/insertion AUCs) into run.json")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_explain)
+
+    from .demo import add_parser as add_demo
+    from .training import add_parser as add_train
+
+    add_demo(sub)
+    add_train(sub)
     return parser
 
 

@@ -27,6 +27,7 @@ from .geometry import Box, Volume
 from .methods.registry import MethodSpec, TileContext, VolumeContext, get_method
 from .models import LoadedModel, load_model
 from .progress import CancelToken, ProgressCallback, RunMonitor
+from .quality import faithfulness
 from .runtime import MemoryBudget, activation_bytes, autocast, resolve_device, with_backoff
 from .sliding import TileGrid, batched, crop_padded, predict_tiles
 from .targets import ResolvedTarget, Target
@@ -112,6 +113,7 @@ class Explanation:
     precision: str
     input_sha256: str
     warnings: list[str] = field(default_factory=list)
+    quality: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -135,11 +137,14 @@ class Explainer:
     """Explains a model's predictions on volumes; keeps the model on its device and the last volume prepared.
 
     ``memory_mb`` bounds activation memory (default: a share of free GPU memory or RAM); batch sizes follow it
-    and halve on out-of-memory. ``overlap`` and ``halo`` shape the sliding window (see :mod:`.sliding`).
+    and halve on out-of-memory. ``overlap`` and ``halo`` shape the sliding window (see :mod:`.sliding`). Tiles
+    that carry less than ``min_tile_share`` of a segmentation target's blended weight are skipped, which changes
+    the explained target by at most that share; 0 keeps every tile and makes the tiled answer exact.
     """
 
     def __init__(self, model: LoadedModel | str | Path, device: str | torch.device = "auto", precision: str = "fp32",
-                 memory_mb: float | None = None, overlap: float = 0.25, halo: int | None = None):
+                 memory_mb: float | None = None, overlap: float = 0.25, halo: int | None = None,
+                 min_tile_share: float = 0.01):
         self.device = resolve_device(device)
         self.model = model if isinstance(model, LoadedModel) else load_model(model)
         self.model.to(self.device)
@@ -150,6 +155,9 @@ class Explainer:
         if not 0.0 <= overlap < 1.0:
             raise InputError(f"Sliding-window overlap must be in [0, 1), got {overlap}.")
         self.overlap = overlap
+        if not 0.0 <= min_tile_share < 1.0:
+            raise InputError(f"min_tile_share must be in [0, 1), got {min_tile_share}.")
+        self.min_tile_share = min_tile_share
         patch = self.model.card.patch_shape
         self.halo = halo if halo is not None else (min(patch) // 8 if patch else 0)
         self._prepared: _Prepared | None = None
@@ -244,28 +252,23 @@ class Explainer:
         classes = len(card.class_names)
         channels = target.channel_weights(classes)
         if card.task == "classification":
-            extent = self._place_patch(target.box, shape)
+            extent = self.patch_extent(target.box, shape)
             grid = self._grid(shape, extent)
             share = channels / len(grid.tiles)
             return _Plan(grid, grid.tiles, extent, [share.clone() for _ in grid.tiles])
         grid = self._grid(shape)
-        tiles = grid.select(target.box)
-        extent = grid.covering(tiles)
-        normaliser = grid.normaliser(extent)
-        weights = []
-        kept = []
-        for tile in tiles:
+        voxel_weights = {}
+        for tile in grid.select(target.box):
             region = target.region_weights(tile)
-            if region is None:
-                continue
-            share = np.zeros(tile.shape, np.float32)
-            TileGrid.accumulate(share, tile, extent, normaliser)
-            voxel = region * grid.importance(tile) / np.maximum(share, 1e-12)
-            weights.append(channels[:, None, None, None] * torch.from_numpy(voxel)[None])
-            kept.append(tile)
-        return _Plan(grid, kept, extent, weights)
+            if region is not None:
+                voxel_weights[tile] = region * grid.importance(tile) / grid.normaliser(tile)
+        # A region in an overlap zone touches many tiles, but the Gaussian blend gives most of them almost no say.
+        total = sum(float(w.sum()) for w in voxel_weights.values())
+        kept = [t for t, w in voxel_weights.items() if float(w.sum()) >= self.min_tile_share * total]
+        weights = [channels[:, None, None, None] * torch.from_numpy(voxel_weights[t])[None] for t in kept]
+        return _Plan(grid, kept, grid.covering(kept), weights)
 
-    def _place_patch(self, region: Box, shape: tuple[int, int, int]) -> Box:
+    def patch_extent(self, region: Box, shape: tuple[int, int, int]) -> Box:
         """A classifier's extent: the region grown to at least one patch, centred, moved inside the volume."""
         patch = self.model.card.patch_size
         if patch is None:
@@ -287,11 +290,12 @@ class Explainer:
     def explain(self, volume: Volume, method: str, target: Target | str | int | None = None,
                 layer: str | None = None, settings: dict[str, Any] | None = None,
                 progress: ProgressCallback | None = None, cancel: CancelToken | None = None, seed: int = 0,
-                output: str = "full") -> Explanation:
+                output: str = "full", quality: bool = False) -> Explanation:
         """Explain ``target`` on ``volume`` with ``method``; blocking. See the module docstring.
 
         ``output="full"`` returns the map in the input's geometry (zero outside the computed extent);
-        ``output="extent"`` returns only the extent, with its exact sub-box geometry.
+        ``output="extent"`` returns only the extent, with its exact sub-box geometry. ``quality`` adds the
+        deletion/insertion faithfulness of the map (:mod:`.quality`; a few dozen extra model evaluations).
         """
         started = time.perf_counter()
         spec = get_method(method)
@@ -320,10 +324,10 @@ class Explainer:
             resolved = target.resolve(card, shape, class_masks=self._class_masks(probabilities))
         else:
             def classify(box: Box) -> int:
-                return int(np.argmax(self.class_probabilities(prepared, self._place_patch(box, shape), monitor)))
+                return int(np.argmax(self.class_probabilities(prepared, self.patch_extent(box, shape), monitor)))
 
             resolved = target.resolve(card, shape, classify=classify)
-            class_probs = self.class_probabilities(prepared, self._place_patch(resolved.box, shape), monitor)
+            class_probs = self.class_probabilities(prepared, self.patch_extent(resolved.box, shape), monitor)
         timings["predict_s"] = time.perf_counter() - started - timings["prepare_s"]
 
         plan = self._plan(shape, resolved)
@@ -349,6 +353,16 @@ class Explainer:
         if not np.all(np.isfinite(result)):
             raise MethodError(f"{spec.label} produced non-finite values on this input (numerical overflow); try "
                               "fp32 precision or other settings.")
+        scores = {}
+        if quality and spec.family != "prediction":
+            monitor.report("measuring faithfulness (deletion / insertion)")
+            # Deletion fills with the method's own reference when it has one: the map is relative to it.
+            reference = values.get("baseline", values.get("fill", "part_mean"))
+            fill = baselines.extent(reference, values.get("blur_sigma_mm", 2.0))
+            scores = faithfulness(self._tiled_forward(plan, activation, monitor), baselines.x, fill, result,
+                                  self._volume_batch(plan), seed)
+            scores["fill"] = reference
+            timings["quality_s"] = time.perf_counter() - t0 - timings["explain_s"]
 
         extent_volume = volume.crop(plan.extent).with_array(result.astype(np.float32))
         attribution = volume.embed(extent_volume, plan.extent) if output == "full" else extent_volume
@@ -369,7 +383,8 @@ class Explainer:
                     "score": score, "region": target.region.describe(),
                     "box": [list(resolved.box.lo), list(resolved.box.hi)]},
             layer=layer_name, prediction=prediction, extent=plan.extent, confidence=confidence, timings=timings,
-            device=str(self.device), precision=self.precision, input_sha256=prepared.sha256, warnings=warnings)
+            device=str(self.device), precision=self.precision, input_sha256=prepared.sha256, warnings=warnings,
+            quality=scores)
 
     def _class_masks(self, probabilities: np.ndarray) -> Callable[[int], np.ndarray]:
         def mask(index: int) -> np.ndarray:
@@ -408,7 +423,9 @@ class Explainer:
         weight_sum = np.zeros(plan.extent.shape, np.float32)
         per_sample = self._sample_bytes(plan.grid.patch) * 3  # activations + their gradients + the input's
         batch = self.budget.batch_size(per_sample, _BATCH_LIMIT)
-        for index, (tile, weights) in enumerate(zip(plan.tiles, plan.weights)):
+
+        def run_tile(index: int, kernel: Callable, statistics: torch.Tensor | None) -> torch.Tensor:
+            tile, weights = plan.tiles[index], plan.weights[index]
             x = crop_padded(prepared.x, tile).to(self.device)
             score = ScoreModel(self.model.module, weights.to(self.device), activation, monitor, self.precision)
             start = monitor.done
@@ -416,11 +433,17 @@ class Explainer:
             def run(batch_size: int) -> torch.Tensor:
                 ctx = TileContext(x=x, score=score, model=self.model, layer=layer,
                                   baseline=lambda kind, sigma=2.0: baselines.crop(kind, sigma, tile).to(self.device),
-                                  batch_size=batch_size, seed=seed + index)
-                return spec.kernel(ctx, values)
+                                  batch_size=batch_size, seed=seed + index, statistics=statistics)
+                return kernel(ctx, values)
 
-            attribution = with_backoff(run, batch, on_retry=lambda _b: monitor.rewind(start))
-            values_np = attribution.detach().float().cpu().numpy()
+            return with_backoff(run, batch, on_retry=lambda _b: monitor.rewind(start))
+
+        statistics = None
+        if spec.statistics is not None and len(plan.tiles) > 1:
+            monitor.total += len(plan.tiles)  # one more pass: the whole target's statistics first
+            statistics = sum(run_tile(index, spec.statistics, None).detach() for index in range(len(plan.tiles)))
+        for index, tile in enumerate(plan.tiles):
+            values_np = run_tile(index, spec.kernel, statistics).detach().float().cpu().numpy()
             if spec.aggregation == "sum":
                 TileGrid.accumulate(total[:values_np.shape[0]], plan.extent, tile, values_np)
             else:
@@ -431,10 +454,8 @@ class Explainer:
             total = total / np.maximum(weight_sum, 1e-12)
         return total
 
-    def _run_volume(self, spec: MethodSpec, values: dict, prepared: _Prepared, plan: _Plan, target: ResolvedTarget,
-                    activation: str, baselines: _Baselines, monitor: RunMonitor, seed: int,
-                    probabilities: np.ndarray | None) -> np.ndarray:
-        x = crop_padded(prepared.x, plan.extent)
+    def _tiled_forward(self, plan: _Plan, activation: str, monitor: RunMonitor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The target score of the sliding-window model over ``plan.extent``: (N, C, *extent) -> (N,)."""
         tiles = [tile.offset([-v for v in plan.extent.lo]) for tile in plan.tiles]
         weights = [w.to(self.device) for w in plan.weights]
 
@@ -447,17 +468,27 @@ class Explainer:
                 scores += (activate(out.float(), activation) * w).flatten(1).sum(1).cpu()
             return scores
 
-        per_sample = self._sample_bytes(plan.grid.patch) // 2 + x.numel() * 4
-        batch = self.budget.batch_size(per_sample, _BATCH_LIMIT)
+        return forward
+
+    def _volume_batch(self, plan: _Plan) -> int:
+        """Perturbed copies of the extent per call: their tiles' activations plus the copies themselves."""
+        extent_bytes = int(np.prod(plan.extent.shape)) * self.model.card.input_channels * 4
+        return self.budget.batch_size(self._sample_bytes(plan.grid.patch) // 2 + extent_bytes, _BATCH_LIMIT)
+
+    def _run_volume(self, spec: MethodSpec, values: dict, prepared: _Prepared, plan: _Plan, target: ResolvedTarget,
+                    activation: str, baselines: _Baselines, monitor: RunMonitor, seed: int,
+                    probabilities: np.ndarray | None) -> np.ndarray:
+        forward = self._tiled_forward(plan, activation, monitor)
         crop = None if probabilities is None else (lambda: probabilities[(slice(None),) + plan.extent.slices])
         start = monitor.done
 
         def run(batch_size: int) -> torch.Tensor:
-            ctx = VolumeContext(x=x, forward=forward, baseline=baselines.extent, batch_size=batch_size, seed=seed,
-                                spacing=prepared.volume.spacing, target=target, probabilities=crop)
+            ctx = VolumeContext(x=baselines.x, forward=forward, baseline=baselines.extent, batch_size=batch_size,
+                                seed=seed, spacing=prepared.volume.spacing, target=target, probabilities=crop)
             return spec.kernel(ctx, values)
 
-        return with_backoff(run, batch, on_retry=lambda _b: monitor.rewind(start)).detach().float().cpu().numpy()
+        return with_backoff(run, self._volume_batch(plan), on_retry=lambda _b: monitor.rewind(start)) \
+            .detach().float().cpu().numpy()
 
 
 class _Baselines:

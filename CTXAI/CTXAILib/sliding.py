@@ -28,15 +28,19 @@ from .geometry import Box
 __all__ = ["TileGrid", "batched", "crop_padded", "gaussian_importance", "predict_tiles"]
 
 
+def _axis_gaussian(n: int, sigma_scale: float = 0.125) -> np.ndarray:
+    """One axis of the importance map: a Gaussian, 1 at the centre, never below 0.1 (edges still count a little;
+    the 3-D product stays above 1e-3)."""
+    x = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
+    weights = np.exp(-0.5 * (x / max(n * sigma_scale, 1e-6)) ** 2)
+    return np.maximum(weights / weights.max(), 0.1)
+
+
 def gaussian_importance(patch: Sequence[int], sigma_scale: float = 0.125) -> np.ndarray:
-    """Gaussian weights over a (k, j, i) patch, 1 at the centre, never below 1e-3 (edges still count a little)."""
-    axes = []
-    for n in patch:
-        x = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
-        sigma = max(n * sigma_scale, 1e-6)
-        axes.append(np.exp(-0.5 * (x / sigma) ** 2))
-    weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-    return np.maximum(weights / weights.max(), 1e-3).astype(np.float32)
+    """Gaussian weights over a (k, j, i) patch: a product of one Gaussian per axis, so that the sum over a grid of
+    tiles is a product of per-axis sums too (see :meth:`TileGrid.normaliser`)."""
+    k, j, i = (_axis_gaussian(n, sigma_scale) for n in patch)
+    return (k[:, None, None] * j[None, :, None] * i[None, None, :]).astype(np.float32)
 
 
 def _starts(size: int, patch: int, step: int) -> list[int]:
@@ -91,6 +95,8 @@ class TileGrid:
             per_axis.append([lo[axis] + s for s in _starts(size[axis], patch_ijk[axis], step)])
         self.tiles = [Box(start, tuple(s + p for s, p in zip(start, patch_ijk)))
                       for start in itertools.product(*per_axis)]
+        self._starts = per_axis
+        self._axis_weights = [_axis_gaussian(p) for p in patch_ijk]
         self._importance = gaussian_importance(self.patch)
 
     def select(self, region: Box) -> list[Box]:
@@ -125,11 +131,21 @@ class TileGrid:
         return weights
 
     def normaliser(self, box: Box) -> np.ndarray:
-        """Sum of all tiles' blending weights over ``box`` (k, j, i): the denominator W(v) of the blend."""
-        total = np.zeros(box.shape, np.float32)
-        for tile in self.select(box):
-            self.accumulate(total, box, tile, self.importance(tile))
-        return total
+        """Sum of all tiles' blending weights over ``box`` (k, j, i): the denominator W(v) of the blend.
+
+        The tiles form a Cartesian grid and each weight is a product over axes, so the sum is the outer product of
+        three 1-D sums: no volume-sized array is needed, whatever the size of the volume."""
+        sums = []
+        for axis in range(3):
+            weights, patch = self._axis_weights[axis], len(self._axis_weights[axis])
+            x = np.arange(box.lo[axis], box.hi[axis])
+            total = np.zeros(x.shape)
+            for start in self._starts[axis]:
+                inside = (x >= start) & (x < start + patch)
+                total[inside] += weights[x[inside] - start]
+            sums.append(total)
+        i, j, k = sums
+        return (k[:, None, None] * j[None, :, None] * i[None, None, :]).astype(np.float32)
 
     @staticmethod
     def accumulate(out: np.ndarray, out_box: Box, tile: Box, values: np.ndarray) -> None:
@@ -158,7 +174,7 @@ def predict_tiles(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
     ``run`` maps a batch of input tiles (B, C, *patch) to activated outputs (B, C_out, *patch).
     """
     tiles = grid.select(box)
-    total, weight = None, np.zeros(box.shape, np.float32)
+    total = None
     for batch in batched(tiles, batch_size):
         if on_batch is not None:
             on_batch(len(batch))
@@ -168,7 +184,5 @@ def predict_tiles(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
         if total is None:
             total = np.zeros((outputs.shape[1],) + box.shape, np.float32)
         for tile, output in zip(batch, outputs):
-            importance = grid.importance(tile)
-            grid.accumulate(total, box, tile, output * importance)
-            grid.accumulate(weight, box, tile, importance)
-    return total / np.maximum(weight, 1e-12)
+            grid.accumulate(total, box, tile, output * (grid.importance(tile) / grid.normaliser(tile)))
+    return total

@@ -6,11 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from CTXAILib import Explainer, Target, Volume, load_model
-from CTXAILib.explain import ScoreModel
-from CTXAILib.progress import RunMonitor
+from CTXAILib import Box, Explainer, Target, load_model
 from CTXAILib.supervoxels import supervoxels
 
 
@@ -46,23 +43,39 @@ def test_gradcam_matches_monai(classifier, volume):
     # MONAI's default postprocessing min-max normalises (and on some versions inverts) the map: use identity.
     cam = monai_visualize.GradCAM(nn_module=classifier.module, target_layers="features.block4.conv2",
                                   postprocessing=lambda x: x)
-    reference = cam(normalised(classifier, volume), class_idx=2)[0, 0].detach().numpy()
+    reference = cam(normalised(classifier, volume).requires_grad_(), class_idx=2)[0, 0].detach().numpy()
     assert corr(result.attribution.array, reference) >= 0.99
 
 
-@pytest.mark.parametrize("baseline", ["zeros", "air", "blurred", "part_mean"])
-def test_integrated_gradients_completeness(classifier, volume, baseline):
-    explainer = Explainer(classifier, device="cpu")
-    result = explainer.explain(volume, "integrated_gradients", Target("pore"),
-                               settings={"steps": 64, "baseline": baseline})
-    x = normalised(classifier, volume)
-    from CTXAILib.baselines import make_baseline
+@pytest.fixture(scope="module")
+def phantom_patch():
+    """A 32^3 patch around a real pore of a held-out phantom, in grey values (what the trained classifier sees)."""
+    from CTXAILib.phantom import generate_phantom
 
-    b = make_baseline(baseline, x, float(classifier.card.normalization.apply(-1000.0)), volume.spacing, 2.0)
+    phantom = generate_phantom(900_400, (96, 96, 96))
+    pore = max((d for d in phantom.defects if d.type == "pore"), key=lambda d: d.voxel_count)
+    i, j, k = (int(v) for v in np.round(pore.centre))
+    box = Box((i - 16, j - 16, k - 16), (i + 16, j + 16, k + 16)).clip(phantom.ct.shape)
+    return phantom.ct.crop(box)
+
+
+@pytest.mark.parametrize("baseline, steps", [("zeros", 64), ("air", 64), ("part_mean", 64), ("blurred", 128)])
+def test_integrated_gradients_completeness(phantom_patch, baseline, steps):
+    """On the trained classifier, the map sums to f(x) - f(baseline) within 1 % at 64 steps (128 from the blurred
+    baseline, whose path crosses more ReLU boundaries: 1.6 % at 64 steps, 0.3 % at 128)."""
+    from CTXAILib.baselines import make_baseline
+    from CTXAILib.evaluation import bundled_model
+
+    model = load_model(bundled_model("classifier"))
+    result = Explainer(model, device="cpu").explain(phantom_patch, "integrated_gradients", Target("pore"),
+                                                    settings={"steps": steps, "baseline": baseline})
+    x = normalised(model, phantom_patch)
+    air = float(model.card.normalization.apply(-1000.0))
+    b = make_baseline(baseline, x, air, phantom_patch.spacing, 2.0)
     with torch.no_grad():
-        delta = float(classifier.module(x)[0, 1] - classifier.module(b)[0, 1])
+        delta = float(model.module(x)[0, 1] - model.module(b)[0, 1])
     total = float(result.attribution.array.sum(dtype=np.float64))
-    assert abs(delta) > 1e-4, "degenerate check: the baseline changes nothing"
+    assert abs(delta) > 0.5, "degenerate check: the baseline hardly changes the pore logit"
     assert abs(total - delta) <= 0.01 * abs(delta), (total, delta)
 
 
@@ -86,13 +99,13 @@ def test_supervoxels_are_isotropic_in_mm():
 
 def test_tiles_add_up_to_the_sliding_window_gradient(unet_card):
     """Tile-wise gradients summed equal autograd through the whole blended sliding-window output (exact)."""
-    from conftest import ct_volume
+    from ctxai_testing import ct_volume
 
     model = load_model(unet_card)
     volume = ct_volume((40, 40, 40))
-    explainer = Explainer(model, device="cpu", overlap=0.5)
+    explainer = Explainer(model, device="cpu", overlap=0.5, min_tile_share=0.0)
     box = ((12, 12, 12), (30, 28, 26))
-    from CTXAILib import Box, BoxRegion
+    from CTXAILib import BoxRegion
 
     result = explainer.explain(volume, "input_x_gradient", Target("defect", region=BoxRegion(Box(*box))),
                                output="full")
@@ -115,18 +128,25 @@ def test_tiles_add_up_to_the_sliding_window_gradient(unet_card):
 
 @pytest.mark.parametrize("method", ["integrated_gradients", "gradcam"])
 def test_tiled_path_matches_whole_volume(tmp_path, method):
-    """Where the volume fits in one patch, tiling it into smaller patches gives the same map."""
+    """Where the volume fits in one patch, explaining it through smaller tiles gives the same map (trained U-Net,
+    a 64^3 piece of a held-out phantom around a defect; whole = one 64^3 tile, tiled = 48^3 tiles)."""
     import json
+    import shutil
 
-    from conftest import ct_volume, write_model
+    from CTXAILib.evaluation import bundled_model
+    from CTXAILib.phantom import generate_phantom
 
-    whole_card = write_model(tmp_path, "whole", "segmentation", patch=(48, 48, 48), seed=3)
-    tiled = json.loads(whole_card.read_text())
-    tiled["patch_size"] = [32, 32, 32]
-    (tmp_path / "tiled.json").write_text(json.dumps(tiled))
-    volume = ct_volume((48, 48, 48))
+    card = json.loads(bundled_model("unet").read_text())
+    shutil.copy(bundled_model("unet").with_name(card["weights"]), tmp_path / card["weights"])
+    card["patch_size"] = [48, 48, 48]
+    (tmp_path / "tiled.json").write_text(json.dumps(card))
+    phantom = generate_phantom(900_500, (96, 96, 96))
+    pore = max((d for d in phantom.defects if d.type == "pore"), key=lambda d: d.voxel_count)
+    i, j, k = (int(v) for v in np.round(pore.centre))
+    lo = [min(max(c - 32, 0), 96 - 64) for c in (i, j, k)]
+    volume = phantom.ct.crop(Box(lo, [v + 64 for v in lo]))
     settings = {"steps": 16} if method == "integrated_gradients" else {}
-    maps = [Explainer(card, device="cpu", overlap=0.5).explain(volume, method, Target("defect"),
-                                                               settings=settings).attribution.array
-            for card in (whole_card, tmp_path / "tiled.json")]
+    maps = [Explainer(path, device="cpu", overlap=0.5, min_tile_share=0.0).explain(
+                volume, method, Target("void"), settings=settings).attribution.array
+            for path in (bundled_model("unet"), tmp_path / "tiled.json")]
     assert corr(*maps) >= 0.99, corr(*maps)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from captum._utils.gradient import compute_layer_gradients_and_eval
-from captum.attr import GuidedGradCam, LayerAttribution, LayerGradCam
+from captum.attr import GuidedGradCam, LayerActivation, LayerAttribution, LayerGradCam
 
 from .registry import MethodSpec, Setting, TileContext, register
 
@@ -32,8 +32,22 @@ def _layer_gradients(ctx: TileContext) -> tuple[torch.Tensor, torch.Tensor]:
     return grads[0].detach(), acts[0].detach()
 
 
+def gradcam_statistics(ctx: TileContext, settings: dict) -> torch.Tensor:
+    """Per channel, the tile's sum of target gradients over the layer's positions; last entry: the positions."""
+    grads, _ = _layer_gradients(ctx)
+    return torch.cat([grads.sum(dim=(0,) + _spatial(grads)), torch.tensor([grads[0, 0].numel()],
+                                                                          dtype=grads.dtype, device=grads.device)])
+
+
 def gradcam(ctx: TileContext, settings: dict) -> torch.Tensor:
-    cam = LayerGradCam(ctx.score, ctx.layer).attribute(ctx.x, relu_attributions=True)
+    if ctx.statistics is None:  # one tile: Captum's Grad-CAM
+        cam = LayerGradCam(ctx.score, ctx.layer).attribute(ctx.x, relu_attributions=True)
+        return _to_input(cam, ctx, settings)
+    # Several tiles: the channel weights are the whole target's average gradients, as on one big feature map.
+    weights = (ctx.statistics[:-1] / ctx.statistics[-1]).to(ctx.x.device)
+    with torch.no_grad():
+        acts = LayerActivation(ctx.score, ctx.layer).attribute(ctx.x)
+    cam = (weights[None, :, None, None, None] * acts).sum(dim=1, keepdim=True).clamp_min(0)
     return _to_input(cam, ctx, settings)
 
 
@@ -67,16 +81,19 @@ def guided_gradcam(ctx: TileContext, settings: dict) -> torch.Tensor:
 
 
 def _cam(name: str, label: str, summary: str, kernel, samples: float = 1.0, signed: bool = False,
-         hooks: bool = True) -> None:
+         statistics=None) -> None:
     register(MethodSpec(name, label, "cam", summary, signed=signed, aggregation="blend", kernel=kernel,
                         samples=lambda s, shape: samples, settings=(_UPSAMPLE,), needs_layer=True,
-                        needs_hooks=hooks))
+                        needs_hooks=True, statistics=statistics))
 
 
+# Grad-CAM and Grad-CAM++ weight whole channels: for a segmentation target they light up every region with the
+# class's features (other pores, channels), not only the selected defect. Their summaries say so.
+_GLOBAL = " For a segmentation target it shows every region with the class's features; use HiResCAM or LayerCAM there."
 _cam("gradcam", "Grad-CAM", "Layer activations weighted by their average gradient, positive part "
-     "(Selvaraju et al. 2017).", gradcam)
+     "(Selvaraju et al. 2017)." + _GLOBAL, gradcam, statistics=gradcam_statistics)
 _cam("gradcam_plus_plus", "Grad-CAM++", "Grad-CAM with pixel-wise gradient weights that separate several "
-     "instances of a class (Chattopadhay et al. 2018).", gradcam_plus_plus)
+     "instances of a class (Chattopadhay et al. 2018)." + _GLOBAL, gradcam_plus_plus)
 _cam("hirescam", "HiResCAM", "Element-wise gradient x activation summed over channels: faithful to where the score "
      "was computed (Draelos and Carin 2020).", hirescam)
 _cam("layercam", "LayerCAM", "Activations weighted by their positive gradients per location (Jiang et al. 2021).",

@@ -21,8 +21,10 @@ from .registry import MethodSpec, Setting, TileContext, register
 
 __all__: list[str] = []
 
-_BASELINE = Setting("baseline", "choice", "air", "Reference input: all air, a defect-free part (part_mean), the "
-                    "blurred input, or zeros in normalised units.", choices=BASELINES)
+# A defect-free part is the reference an NDT question implies ("what here differs from sound metal?"); air would
+# credit the bright metal around a pore rather than the pore.
+_BASELINE = Setting("baseline", "choice", "part_mean", "Reference input: a defect-free part (part_mean), all air, "
+                    "the blurred input, or zeros in normalised units.", choices=BASELINES)
 _SIGMA = Setting("blur_sigma_mm", "float", 2.0, "Gaussian width of the blurred baseline, in mm.",
                  minimum=0.01, maximum=100.0)
 _NOISE = Setting("noise", "float", 0.1, "Noise standard deviation as a fraction of the input's value range.",

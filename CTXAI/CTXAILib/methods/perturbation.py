@@ -20,8 +20,9 @@ from .registry import MethodSpec, Setting, VolumeContext, register
 
 __all__: list[str] = []
 
-_FILL = Setting("fill", "choice", "air", "What replaces a removed region: air, the part's mean grey value, the "
-                "blurred input, or zeros.", choices=BASELINES)
+# Filling metal with air would draw an artificial pore; the part's mean grey value removes a defect instead.
+_FILL = Setting("fill", "choice", "part_mean", "What replaces a removed region: the part's mean grey value, air, "
+                "the blurred input, or zeros.", choices=BASELINES)
 _SIGMA = Setting("blur_sigma_mm", "float", 2.0, "Gaussian width of the blurred fill, in mm.", minimum=0.01,
                  maximum=100.0)
 _SEGMENTS = Setting("supervoxels", "int", 150, "Approximate number of supervoxels (SLIC, compact in mm).",

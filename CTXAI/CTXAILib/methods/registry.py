@@ -12,6 +12,11 @@ Kernels come in two kinds:
   kernels (CAMs) are blended with the sliding-window weights;
 - volume kernels (``aggregation`` "volume") perturb the whole extent and query the tiled model through
   ``ctx.forward``: ``kernel(ctx: VolumeContext, settings) -> (C, D, H, W)``.
+
+A tile kernel whose map depends on statistics of the whole target (Grad-CAM's channel weights are averages over
+the whole feature map) declares ``statistics(ctx, settings) -> Tensor``: on a volume of several tiles the runner
+sums it over all tiles first and hands the total to every tile as ``ctx.statistics``, so tiling does not change
+what the weights mean.
 """
 
 from __future__ import annotations
@@ -107,6 +112,7 @@ class MethodSpec:
     kernel: Callable[..., torch.Tensor]
     samples: Callable[[dict, tuple[int, int, int]], float]
     settings: tuple[Setting, ...] = ()
+    statistics: Callable[..., torch.Tensor] | None = None
     needs_layer: bool = False
     needs_hooks: bool = False
     needs_gradient: bool = True
@@ -148,6 +154,7 @@ class TileContext:
     baseline: Callable[..., torch.Tensor]   # (kind, sigma_mm) -> (1, C, D, H, W) baseline crop for this tile
     batch_size: int                         # samples per model call allowed by the memory budget
     seed: int
+    statistics: torch.Tensor | None = None  # summed over every tile, for kernels that declare ``statistics``
 
 
 @dataclass
