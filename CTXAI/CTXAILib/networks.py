@@ -38,8 +38,9 @@ class ConvBlock3d(nn.Sequential):
 class DefectClassifier3D(nn.Module):
     """Classifies a CT patch (N, C, D, H, W) into defect classes; returns logits (N, classes).
 
-    Four conv blocks; the first three are followed by 2x max pooling, so ``features.block4`` (the default CAM
-    layer) sees the patch at 1/8 resolution.
+    Conv blocks, the first ``pools`` of them followed by 2x max pooling, then global average pooling and a linear
+    layer. Two poolings keep the last block (``features.block4``, the CAM layer) at 1/4 resolution: with a third,
+    each of its cells would see the whole patch and Grad-CAM could no longer say where the evidence is.
 
     >>> net = DefectClassifier3D(num_classes=4).eval()
     >>> net(torch.zeros(2, 1, 32, 32, 32)).shape
@@ -47,13 +48,13 @@ class DefectClassifier3D(nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 4, widths: Sequence[int] = (16, 32, 48, 64),
-                 dropout: float = 0.2):
+                 pools: int = 2, dropout: float = 0.2):
         super().__init__()
         layers: "OrderedDict[str, nn.Module]" = OrderedDict()
         previous = in_channels
         for index, width in enumerate(widths, start=1):
             layers[f"block{index}"] = ConvBlock3d(previous, width)
-            if index < len(widths):
+            if index <= pools:
                 layers[f"pool{index}"] = nn.MaxPool3d(2)
             previous = width
         self.features = nn.Sequential(layers)
