@@ -114,10 +114,14 @@ class WorkerClient:
             self._stderr.append(line.rstrip())
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Ask the worker to exit, kill it if it does not, and remove the exchange folder."""
+        """Ask the worker to exit, kill it if it does not, and remove the exchange folder. Requests still
+        unanswered get a ``WorkerStopped`` error on the next :meth:`poll`."""
         if self.process is not None:
             if self.alive:
                 try:
+                    # Runs in flight stop at their next batch, so the worker can read the shutdown soon.
+                    for job in list(self._pending):
+                        self.process.stdin.write(json.dumps({"cmd": "cancel", "id": job}) + "\n")
                     self.process.stdin.write(json.dumps({"cmd": "shutdown"}) + "\n")
                     self.process.stdin.flush()
                     self.process.wait(timeout_s)
@@ -182,8 +186,13 @@ class WorkerClient:
                 self._pending.pop(job, None)
                 self._cancel_deadline.pop(job, None)
                 messages.append({"id": job, "type": "cancelled", "forced": True})
-        if self._pending and self.process is not None and not self.alive and self._reader_done.is_set() \
-                and self._replies.empty():
+        if self._pending and self.process is None:
+            for job in list(self._pending):
+                messages.append({"id": job, "type": "error", "error": "WorkerStopped",
+                                 "message": "The CTXAI worker was stopped before this request finished."})
+            self._pending.clear()
+            self._cancel_deadline.clear()
+        elif self._pending and not self.alive and self._reader_done.is_set() and self._replies.empty():
             code = self.process.returncode
             detail = next((line for line in reversed(self._stderr) if line.strip()), "")
             for job in list(self._pending):

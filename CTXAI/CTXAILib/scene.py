@@ -23,7 +23,7 @@ from .errors import InputError, RegionError
 from .geometry import Box, Volume
 
 __all__ = ["RunNodes", "volume_from_node", "ijk_box_from_roi", "ijk_from_ras", "add_run", "set_top_percent",
-           "set_opacity", "set_render_3d", "show_run", "remove_run", "find_runs", "COLORMAPS"]
+           "set_opacity", "set_colormap", "set_render_3d", "show_run", "remove_run", "find_runs", "COLORMAPS"]
 
 COLORMAPS = ("auto", "heat", "diverging")
 _HEAT = "CTXAI heat"
@@ -126,6 +126,7 @@ class RunNodes:
     signed: bool = False
     top_percent: float = 5.0
     opacity: float = 0.5
+    colormap: str = "auto"
     explanation: dict[str, Any] = field(default_factory=dict)
 
 
@@ -242,7 +243,7 @@ def add_run(scene, input_node, attribution: Volume, explanation: dict[str, Any],
         run = RunNodes(folder=0, attribution=attribution_node.GetID(), labels=labels_node.GetID(),
                        table=table.GetID(), input=input_node.GetID(),
                        confidence=None if confidence_node is None else confidence_node.GetID(), signed=signed,
-                       top_percent=top_percent, opacity=opacity, explanation=explanation)
+                       top_percent=top_percent, opacity=opacity, colormap=colormap, explanation=explanation)
         if render_3d:
             run.volume_rendering = _volume_rendering(scene, attribution_node, volume_rendering_logic)
         parent = sh.GetItemParent(sh.GetItemByDataNode(input_node)) if sh.GetItemByDataNode(input_node) else 0
@@ -282,10 +283,9 @@ def _style_attribution(scene, node, values: np.ndarray, signed: bool, colormap: 
     magnitude = np.abs(values[values != 0])
     top = float(np.percentile(magnitude, 99.9)) if magnitude.size else 1.0
     top = top if top > 0 else 1.0
-    if signed:
-        display.SetWindowLevelMinMax(-top, top)
-    else:
-        display.SetWindowLevelMinMax(0.0, top)
+    # Diverging maps centre zero; a heat map shows positive evidence only, whatever the method's sign.
+    symmetric = colormap == "diverging" or (colour_node is None and signed)
+    display.SetWindowLevelMinMax(-top if symmetric else 0.0, top)
     display.SetInterpolate(1)
 
 
@@ -326,40 +326,57 @@ def _summary_rows(explanation: dict[str, Any]) -> list[tuple[str, str]]:
     timings = explanation.get("timings", {})
     if "total_s" in timings:
         rows.append(("Run time", f"{timings['total_s']:.2f} s on {explanation.get('device', '?')}"))
-    rows += [(f"Quality: {k}", f"{v:.4g}" if isinstance(v, float) else str(v))
-             for k, v in explanation.get("quality", {}).items()]
+    quality = explanation.get("quality") or {}
+    if "deletion_auc" in quality:
+        rows += [("Deletion AUC (lower is better)", f"{quality['deletion_auc']:.3f} (random order "
+                                                    f"{quality['deletion_auc_random']:.3f})"),
+                 ("Insertion AUC (higher is better)", f"{quality['insertion_auc']:.3f} (random order "
+                                                      f"{quality['insertion_auc_random']:.3f})")]
+    elif quality.get("note"):
+        rows.append(("Faithfulness", quality["note"]))
     rows += [("Warning", w) for w in explanation.get("warnings", [])]
     return rows
 
 
-def _volume_rendering(scene, node, logic) -> str:
+def _volume_rendering_logic(scene):
+    """A volume-rendering logic on ``scene`` for callers that have none (Slicer passes its module's logic)."""
     import slicer
 
-    if logic is None:
-        logic = slicer.vtkSlicerVolumeRenderingLogic()
-        logic.SetMRMLScene(scene)
+    logic = slicer.vtkSlicerVolumeRenderingLogic()
+    logic.SetMRMLScene(scene)
+    return logic
+
+
+def _volume_rendering(scene, node, logic) -> str:
+    logic = logic or _volume_rendering_logic(scene)
     display = logic.GetFirstVolumeRenderingDisplayNode(node) or logic.CreateDefaultVolumeRenderingNodes(node)
-    # Follow the slice display: same colour map, and the map's transparent low values stay transparent in 3-D.
-    display.SetFollowVolumeDisplayNode(1)
-    display.SetIgnoreVolumeDisplayNodeThreshold(0)
-    logic.CopyDisplayToVolumeRenderingDisplayNode(display)
-    _opacity_from_colors(display, node)
+    _sync_volume_rendering(display, node)
     display.SetVisibility(True)
     return display.GetID()
 
 
-def _opacity_from_colors(display, node) -> None:
-    """3-D opacity ramp matching the colour table's alpha: invisible where the slice overlay is see-through."""
+def _sync_volume_rendering(display, node) -> None:
+    """3-D colours and opacity taken from the overlay's colour table over its window: the 3-D view shows what
+    the slice views show, and the table's see-through entries stay see-through.
+
+    Set explicitly rather than by Slicer's "follow the volume display" link, which rebuilds the opacity from the
+    window alone and would hide the negative half of a diverging map."""
+    display.SetFollowVolumeDisplayNode(0)
     scalar_display = node.GetDisplayNode()
     colours = scalar_display.GetColorNode()
     lo, hi = scalar_display.GetWindowLevelMin(), scalar_display.GetWindowLevelMax()
-    opacity = display.GetVolumePropertyNode().GetVolumeProperty().GetScalarOpacity()
+    volume_property = display.GetVolumePropertyNode().GetVolumeProperty()
+    rgb = volume_property.GetRGBTransferFunction()
+    opacity = volume_property.GetScalarOpacity()
+    rgb.RemoveAllPoints()
     opacity.RemoveAllPoints()
     n = colours.GetNumberOfColors()
     rgba = [0.0] * 4
     for index in range(n):
         colours.GetColor(index, rgba)
-        opacity.AddPoint(lo + (hi - lo) * index / max(n - 1, 1), 0.6 * rgba[3])
+        value = lo + (hi - lo) * index / max(n - 1, 1)
+        rgb.AddRGBPoint(value, *rgba[:3])
+        opacity.AddPoint(value, 0.6 * rgba[3])
 
 
 def show_run(scene, run: RunNodes) -> None:
@@ -399,6 +416,18 @@ def set_top_percent(scene, run: RunNodes, top_percent: float) -> None:
     _save_state(scene, run)
 
 
+def set_colormap(scene, run: RunNodes, colormap: str) -> None:
+    """Recolour a run's overlay (and its 3-D rendering) from the stored attribution: no model evaluation."""
+    if colormap not in COLORMAPS and scene.GetNodeByID(colormap) is None:
+        raise InputError(f"Unknown colour map {colormap!r}: use {', '.join(COLORMAPS)} or a colour node ID.")
+    attribution = scene.GetNodeByID(run.attribution)
+    _style_attribution(scene, attribution, _node_array(attribution), run.signed, colormap)
+    if run.volume_rendering is not None:
+        _sync_volume_rendering(scene.GetNodeByID(run.volume_rendering), attribution)
+    run.colormap = colormap
+    _save_state(scene, run)
+
+
 def set_render_3d(scene, run: RunNodes, visible: bool, volume_rendering_logic=None) -> None:
     if visible and run.volume_rendering is None:
         run.volume_rendering = _volume_rendering(scene, scene.GetNodeByID(run.attribution), volume_rendering_logic)
@@ -410,7 +439,8 @@ def set_render_3d(scene, run: RunNodes, visible: bool, volume_rendering_logic=No
 def _folder_state(run: RunNodes) -> dict[str, Any]:
     return {"attribution": run.attribution, "labels": run.labels, "table": run.table, "input": run.input,
             "confidence": run.confidence, "volume_rendering": run.volume_rendering, "signed": run.signed,
-            "top_percent": run.top_percent, "opacity": run.opacity, "explanation": run.explanation}
+            "top_percent": run.top_percent, "opacity": run.opacity, "colormap": run.colormap,
+            "explanation": run.explanation}
 
 
 def _save_state(scene, run: RunNodes) -> None:

@@ -11,7 +11,7 @@ Requests (``id`` is chosen by the client and echoed in every reply):
 
 - ``{"id", "cmd": "explain", "model", "volume": {"path", "spacing", "origin", "directions"}, "method",
   "target": {"class", "contrast", "score", "region": {"type": "whole" | "box" | "voxel" | "component" | "mask",
-  ...}}, "layer", "settings", "device", "precision", "memory_mb", "seed", "output", "out_dir"}``
+  ...}}, "layer", "settings", "device", "precision", "memory_mb", "seed", "output", "quality", "out_dir"}``
 - ``{"id", "cmd": "describe_model", "model", "device"}`` -- card, layers and default CAM layer
 - ``{"id", "cmd": "methods"}`` -- the method registry (the panel builds its controls from it)
 - ``{"cmd": "cancel", "id"}`` and ``{"cmd": "shutdown"}``
@@ -176,7 +176,8 @@ class Worker:
 
         result = explainer.explain(volume, request["method"], target, layer=request.get("layer"),
                                    settings=request.get("settings"), progress=progress, cancel=cancel,
-                                   seed=int(request.get("seed", 0)), output=request.get("output", "full"))
+                                   seed=int(request.get("seed", 0)), output=request.get("output", "full"),
+                                   quality=bool(request.get("quality", False)))
         out_dir = Path(request["out_dir"])
         outputs = {"attribution": self._volume_file(result.attribution, out_dir / f"{job}-attribution.npy")}
         if result.confidence is not None:
@@ -186,6 +187,7 @@ class Worker:
                 "explanation": {"method": result.method, "signed": result.signed, "family": result.family,
                                 "settings": result.settings, "target": result.target, "layer": result.layer,
                                 "prediction": result.prediction, "timings": result.timings,
+                                "quality": result.quality,
                                 "extent": {"lo": list(result.extent.lo), "hi": list(result.extent.hi)},
                                 "device": result.device, "warnings": result.warnings,
                                 "model": explainer.model.card.name}}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 
 os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
@@ -32,22 +31,3 @@ def slicer_app():
         view.interactor().UpdateSize(320, 320)
         app.views[tag] = view
     yield app
-
-
-def add_volume_node(scene, volume, name="CT", cls="vtkMRMLScalarVolumeNode"):
-    """A volume node made the way Slicer's readers make one: voxels, spacing, origin, directions."""
-    import vtk
-    from vtk.util import numpy_support
-
-    node = scene.AddNewNodeByClass(cls, name)
-    image = vtk.vtkImageData()
-    k, j, i = volume.shape
-    image.SetDimensions(i, j, k)
-    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.ascontiguousarray(volume.array).ravel(),
-                                                               deep=True))
-    node.SetAndObserveImageData(image)
-    node.SetSpacing(volume.spacing)
-    node.SetOrigin(volume.origin)
-    node.SetIJKToRASDirections(volume.directions)
-    node.CreateDefaultDisplayNodes()
-    return node

@@ -11,7 +11,7 @@ from CTXAILib import Box, InputError, RegionError, Volume
 from CTXAILib.scene import (add_run, find_runs, ijk_box_from_roi, ijk_from_ras, remove_run, set_opacity,
                             set_render_3d, set_top_percent, volume_from_node)
 
-from conftest import add_volume_node
+from mrml_helpers import add_volume_node
 
 EXPLANATION = {"method": "integrated_gradients", "signed": True, "family": "gradient", "model": "unet",
                "settings": {"steps": 32}, "target": {"class": "void", "contrast": None, "score": "logit",
@@ -138,7 +138,11 @@ def test_run_nodes_views_and_colours(slicer_app):
     assert counts[1] > 0 and counts[2] > 0
     rendering = scene.GetNodeByID(run.volume_rendering)
     assert rendering.IsA("vtkMRMLVolumeRenderingDisplayNode") and rendering.GetVisibility()
-    assert rendering.GetVolumeNode() is attribution and rendering.GetFollowVolumeDisplayNode()
+    assert rendering.GetVolumeNode() is attribution
+    # 3-D colours follow the overlay's table: the see-through middle of the diverging map stays see-through.
+    opacity = rendering.GetVolumePropertyNode().GetVolumeProperty().GetScalarOpacity()
+    top = display.GetWindowLevelMax()
+    assert opacity.GetValue(0.0) < 0.05 and opacity.GetValue(top) > 0.3 and opacity.GetValue(-top) > 0.3
     table = scene.GetNodeByID(run.table)
     rows = {table.GetCellText(r, 0): table.GetCellText(r, 1) for r in range(table.GetNumberOfRows())}
     assert rows["Method"] == "integrated_gradients" and rows["Run time"].startswith("1.50 s")
@@ -179,6 +183,26 @@ def test_threshold_and_opacity_update_without_recomputing(slicer_app):
     assert restored.top_percent == 20.0 and restored.opacity == 0.25 and restored.attribution == run.attribution
     with pytest.raises(InputError, match="percentage"):
         set_top_percent(scene, run, 0.0)
+
+
+def test_recolour_without_recomputing(slicer_app):
+    from CTXAILib.scene import set_colormap
+
+    scene = slicer_app.scene
+    node = add_volume_node(scene, oblique_ct())
+    run = add_run(scene, node, attribution_like(volume_from_node(node)), EXPLANATION,
+                  volume_rendering_logic=slicer_app.vr_logic)
+    attribution = scene.GetNodeByID(run.attribution)
+    before = node_array(attribution).copy()
+    set_colormap(scene, run, "heat")
+    display = attribution.GetDisplayNode()
+    assert display.GetColorNode().GetName() == "CTXAI heat" and display.GetWindowLevelMin() == 0.0
+    opacity = scene.GetNodeByID(run.volume_rendering).GetVolumePropertyNode().GetVolumeProperty().GetScalarOpacity()
+    assert opacity.GetValue(0.0) == 0.0 and opacity.GetValue(display.GetWindowLevelMax()) > 0.3
+    np.testing.assert_array_equal(node_array(attribution), before)
+    assert find_runs(scene)[-1].colormap == "heat"
+    with pytest.raises(InputError, match="Unknown colour map"):
+        set_colormap(scene, run, "plasma-ish")
 
 
 def test_failed_run_adds_no_node(slicer_app):

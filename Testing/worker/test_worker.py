@@ -48,7 +48,7 @@ def wait_for(client, job, kinds=("result", "error", "cancelled"), timeout_s=120.
 
 def test_progress_result_and_non_blocking_polls(client, classifier_card, volume):
     job = client.submit("explain", **explain_request(client, classifier_card, volume,
-                                                     settings={"steps": 256}, memory_mb=64))
+                                                     settings={"steps": 128}, memory_mb=32))
     final, seen, longest = wait_for(client, job)
     assert final["type"] == "result", final
     progress = [m for m in seen if m["type"] == "progress" and m["id"] == job]
@@ -137,6 +137,21 @@ def test_describe_model_and_methods(client, unet_card):
     assert any(layer["name"] == "head" and layer["cam_usable"] for layer in description["layers"])
     methods = {m["name"] for m in client.call("methods")}
     assert {"gradcam", "lrp", "occlusion", "confidence"} <= methods
+
+
+def test_stop_answers_pending_requests(classifier_card, volume):
+    """Stopping mid-run (scene close, module reload): the run is cancelled or reported stopped, never left open."""
+    client = WorkerClient()
+    job = client.submit("explain", **explain_request(client, classifier_card, volume,
+                                                     settings={"steps": 1024}, memory_mb=16))
+    wait_for(client, job, kinds=("progress",))
+    started = time.monotonic()
+    client.stop(timeout_s=5.0)
+    assert time.monotonic() - started < 5.0, "the worker should stop at its next batch, not at the timeout"
+    final = [m for m in client.poll() if m.get("id") == job and m["type"] != "progress"]
+    assert len(final) == 1
+    assert final[0]["type"] == "cancelled" or final[0].get("error") == "WorkerStopped"
+    assert client.poll() == [] and not client.alive
 
 
 def test_exchange_folder_is_private_and_removed(classifier_card, volume):
