@@ -1,0 +1,65 @@
+"""What the CTXAI panel says: the grouped method list, durations, errors and the model card, translatable."""
+
+import html
+
+from slicer.i18n import tr as _
+
+# The order of the method families in the Method list; families the registry adds later follow, sorted.
+FAMILIES = ("gradient", "cam", "perturbation", "relevance", "prediction")
+
+
+def familyLabel(family: str) -> str:
+    return {"gradient": _("Gradient methods"), "cam": _("Class activation maps (CAM)"),
+            "perturbation": _("Perturbation methods"), "relevance": _("Relevance propagation"),
+            "prediction": _("Model output (not an explanation)")}.get(family, family.capitalize())
+
+
+def methodGroups(methods: list) -> list:
+    """The registry's methods as Method-list groups ``(family label, [(label, name, summary)])``.
+
+    >>> methodGroups([{"name": "saliency", "label": "Saliency", "family": "gradient", "summary": "|d score/d x|"}])
+    [('Gradient methods', [('Saliency', 'saliency', '|d score/d x|')])]
+    """
+    families = list(FAMILIES) + sorted({m["family"] for m in methods} - set(FAMILIES))
+    groups = [(family, [(m["label"], m["name"], m.get("summary", "")) for m in methods if m["family"] == family])
+              for family in families]
+    return [(familyLabel(family), members) for family, members in groups if members]
+
+
+def formatDuration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return _("{s} s").format(s=seconds)
+    if seconds < 3600:
+        return _("{m} min {s:02d} s").format(m=seconds // 60, s=seconds % 60)
+    return _("{h} h {m:02d} min").format(h=seconds // 3600, m=seconds % 3600 // 60)
+
+
+def describeError(exc: Exception) -> str:
+    """One line for the status bar; a crashed worker says that the next Explain restarts it."""
+    kind = getattr(exc, "kind", None)
+    if kind == "WorkerCrashed":
+        return _("The CTXAI worker crashed; the next Explain restarts it.") + f" {exc}"
+    if kind:
+        return f"{kind}: {exc}"
+    return str(exc) or type(exc).__name__
+
+
+def modelCardHtml(description) -> str:
+    """The model-card summary (rich text) of a model as the worker described it; None: not loaded."""
+    if description is None:
+        return _("(not loaded)")
+    card = description["card"]
+
+    def size(values, unit):
+        return "&times;".join(f"{v:g}" for v in values) + unit if values else _("any")
+
+    lines = [f"<b>{html.escape(str(card.get('name', '')))}</b> {html.escape(str(card.get('version', '')))}",
+             _("Task: {task}").format(task=html.escape(str(card.get("task", "")))),
+             _("Classes: {classes}").format(classes=html.escape(", ".join(card.get("class_names", [])))),
+             _("Patch: {patch}, spacing: {spacing}").format(
+                 patch=size(card.get("patch_size"), _(" voxels")), spacing=size(card.get("spacing_mm"), " mm"))]
+    if card.get("description"):
+        lines.append(html.escape(card["description"]))
+    lines += [f"<span style='color:#b9770e'>{html.escape(w)}</span>" for w in description.get("warnings", [])]
+    return "<br>".join(lines)
