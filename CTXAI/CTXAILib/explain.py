@@ -72,9 +72,13 @@ class ScoreModel(nn.Module):
         self.monitor = monitor
         self.precision = precision
 
+    def activated(self, output: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        """Model output with the target's activation, float32; ``activation`` overrides it (LRP explains logits)."""
+        return activate(output.float(), self.activation if activation is None else activation)
+
     def reduce(self, output: torch.Tensor, activation: str | None = None) -> torch.Tensor:
-        """The target score of a model output; ``activation`` overrides the target's (LRP explains logits)."""
-        output = activate(output.float(), self.activation if activation is None else activation)
+        """The target score of a model output (see :meth:`activated`)."""
+        output = self.activated(output, activation)
         if output.shape[1:] != self.weights.shape:
             raise ModelError(f"The model's output per sample has shape {tuple(output.shape[1:])}, but this target "
                              f"needs {tuple(self.weights.shape)} (segmentation outputs must match the input size). "
@@ -342,8 +346,10 @@ class Explainer:
         score = "logit" if spec.family == "relevance" else resolved.score
         activation = card.output_activation if score == "probability" else "none"
         if spec.aggregation == "volume":
+            notes: list[str] = []
             result = self._run_volume(spec, values, prepared, plan, resolved, activation, baselines, monitor, seed,
-                                      probabilities)
+                                      probabilities, notes)
+            warnings += notes
         else:
             result = self._run_tiles(spec, values, prepared, plan, layer_module, activation, baselines, monitor, seed)
         timings["explain_s"] = time.perf_counter() - t0
@@ -364,8 +370,11 @@ class Explainer:
             scores["fill"] = reference
             timings["quality_s"] = time.perf_counter() - t0 - timings["explain_s"]
 
-        extent_volume = volume.crop(plan.extent).with_array(result.astype(np.float32))
-        attribution = volume.embed(extent_volume, plan.extent) if output == "full" else extent_volume
+        extent = plan.extent.clip(shape)
+        if extent != plan.extent:  # a volume smaller than the patch: its padding is not part of the map
+            result = result[extent.offset([-v for v in plan.extent.lo]).slices]
+        extent_volume = volume.crop(extent).with_array(result.astype(np.float32, copy=False))
+        attribution = volume.embed(extent_volume, extent) if output == "full" else extent_volume
         confidence = None
         if probabilities is not None:
             confidence = volume.with_array(np.ascontiguousarray(probabilities[resolved.class_index], np.float32))
@@ -382,7 +391,7 @@ class Explainer:
                     "contrast": None if resolved.contrast_index is None else card.class_names[resolved.contrast_index],
                     "score": score, "region": target.region.describe(),
                     "box": [list(resolved.box.lo), list(resolved.box.hi)]},
-            layer=layer_name, prediction=prediction, extent=plan.extent, confidence=confidence, timings=timings,
+            layer=layer_name, prediction=prediction, extent=extent, confidence=confidence, timings=timings,
             device=str(self.device), precision=self.precision, input_sha256=prepared.sha256, warnings=warnings,
             quality=scores)
 
@@ -477,14 +486,19 @@ class Explainer:
 
     def _run_volume(self, spec: MethodSpec, values: dict, prepared: _Prepared, plan: _Plan, target: ResolvedTarget,
                     activation: str, baselines: _Baselines, monitor: RunMonitor, seed: int,
-                    probabilities: np.ndarray | None) -> np.ndarray:
+                    probabilities: np.ndarray | None, notes: list[str]) -> np.ndarray:
         forward = self._tiled_forward(plan, activation, monitor)
         crop = None if probabilities is None else (lambda: probabilities[(slice(None),) + plan.extent.slices])
+        tiles = [(tile.offset([-v for v in plan.extent.lo]),
+                  ScoreModel(self.model.module, w.to(self.device), activation, monitor, self.precision))
+                 for tile, w in zip(plan.tiles, plan.weights)]
         start = monitor.done
 
         def run(batch_size: int) -> torch.Tensor:
+            del notes[:]
             ctx = VolumeContext(x=baselines.x, forward=forward, baseline=baselines.extent, batch_size=batch_size,
-                                seed=seed, spacing=prepared.volume.spacing, target=target, probabilities=crop)
+                                seed=seed, spacing=prepared.volume.spacing, target=target, probabilities=crop,
+                                tiles=tiles, tick=monitor.tick, notes=notes)
             return spec.kernel(ctx, values)
 
         return with_backoff(run, self._volume_batch(plan), on_retry=lambda _b: monitor.rewind(start)) \

@@ -15,6 +15,8 @@ from captum.attr import FeatureAblation, KernelShap, Lime, Occlusion
 
 from ..baselines import BASELINES
 from ..errors import SettingError
+from ..incremental import Unsupported, occlusion_map, window_boxes
+from ..sliding import crop_padded
 from ..supervoxels import supervoxels
 from .registry import MethodSpec, Setting, VolumeContext, register
 
@@ -43,20 +45,25 @@ def _feature_mask(ctx: VolumeContext, settings: dict) -> torch.Tensor:
     return torch.from_numpy(labels)[None, None]
 
 
-def _windows(shape: tuple[int, int, int], window: int, stride: int) -> int:
-    # Captum's count: positions (n - w) // s + 1 per axis, the window clipped to the axis when it is longer.
-    count = 1
-    for n in shape:
-        count *= (max(n - min(window, n), 0)) // stride + 1
-    return count
-
-
 def occlusion(ctx: VolumeContext, settings: dict) -> torch.Tensor:
+    if settings["stride"] > settings["window"]:
+        raise SettingError(f"Occlusion stride {settings['stride']} is larger than its window {settings['window']}, "
+                           "so some voxels would never be occluded. Use a stride of at most the window.")
+    fill = _fill(ctx, settings)
+    if settings["engine"] == "incremental":
+        try:
+            attribution, notes = occlusion_map(ctx.x, fill, ctx.tiles, settings["window"], settings["stride"],
+                                               ctx.batch_size, ctx.tick, crop_padded)
+            ctx.notes.extend(notes)
+            return attribution
+        except Unsupported as exc:
+            ctx.notes.append(f"Incremental occlusion cannot follow this model: {exc}. Every window was computed "
+                             "with a full forward pass instead (the same map, slower).")
     channels = ctx.x.shape[1]
     window = tuple(min(settings["window"], n) for n in ctx.x.shape[2:])
     return Occlusion(ctx.forward).attribute(
         ctx.x, sliding_window_shapes=(channels,) + window, strides=(channels,) + (settings["stride"],) * 3,
-        baselines=_fill(ctx, settings), perturbations_per_eval=ctx.batch_size)[0]
+        baselines=fill, perturbations_per_eval=ctx.batch_size)[0]
 
 
 def _lime_similarity(kernel_width: float):
@@ -112,10 +119,14 @@ register(MethodSpec(
     "occlusion", "Occlusion", "perturbation",
     "Drop in the target when a 3-D window is filled, slid over the volume (Zeiler and Fergus 2014).",
     signed=True, aggregation="volume", kernel=occlusion, needs_gradient=False,
-    samples=lambda s, shape: float(_windows(shape, s["window"], s["stride"]) + 1),
+    samples=lambda s, shape: float(len(window_boxes(shape, s["window"], s["stride"])[0]) + 1),
     settings=(Setting("window", "int", 8, "Edge of the cubic occlusion window, in voxels.", minimum=1, maximum=256),
-              Setting("stride", "int", 4, "Step between window positions, in voxels.", minimum=1, maximum=256),
-              _FILL, _SIGMA)))
+              Setting("stride", "int", 4, "Step between window positions, in voxels (at most the window).",
+                      minimum=1, maximum=256),
+              _FILL, _SIGMA,
+              Setting("engine", "choice", "incremental", "incremental: each occluded pass recomputes only the "
+                      "window's receptive field, layer by layer (exact); exhaustive: a full forward pass per "
+                      "window, as Captum and MONAI do.", choices=("incremental", "exhaustive")))))
 register(MethodSpec(
     "lime", "LIME (supervoxels)", "perturbation",
     "A sparse linear surrogate fitted to the model on random subsets of supervoxels (Ribeiro et al. 2016).",
