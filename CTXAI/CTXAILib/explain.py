@@ -28,7 +28,7 @@ from .methods.registry import MethodSpec, TileContext, VolumeContext, get_method
 from .models import LoadedModel, load_model
 from .progress import CancelToken, ProgressCallback, RunMonitor
 from .quality import faithfulness
-from .runtime import MemoryBudget, activation_bytes, autocast, resolve_device, with_backoff
+from .runtime import MemoryBudget, activation_bytes, autocast, is_out_of_memory, resolve_device, with_backoff
 from .sliding import TileGrid, batched, crop_padded, predict_tiles
 from .targets import ResolvedTarget, Target
 
@@ -127,6 +127,7 @@ class _Prepared:
     sha256: str
     air: float                 # normalised air value
     probabilities: np.ndarray | None = None  # segmentation: blended (classes, K, J, I)
+    class_probabilities: dict[Box, np.ndarray] = field(default_factory=dict)  # classification, per extent
 
 
 @dataclass
@@ -134,16 +135,27 @@ class _Plan:
     grid: TileGrid
     tiles: list[Box]
     extent: Box
-    weights: list[torch.Tensor]  # per tile, the target's weights over one output sample
+    channels: torch.Tensor                    # the target's weight per output class
+    target: ResolvedTarget | None = None      # segmentation: the region whose blended outputs are summed
+
+    def weights(self, index: int) -> torch.Tensor:
+        """The target's weights over one output sample of tile ``index``: built when needed, because all tiles'
+        (classes, D, H, W) weights of a large part would take more memory than the part itself."""
+        if self.target is None:  # classification: the class evidence averaged over the tiles
+            return self.channels / len(self.tiles)
+        tile = self.tiles[index]
+        voxels = self.target.region_weights(tile) * self.grid.importance(tile) / self.grid.normaliser(tile)
+        return self.channels[:, None, None, None] * torch.from_numpy(voxels)[None]
 
 
 class Explainer:
     """Explains a model's predictions on volumes; keeps the model on its device and the last volume prepared.
 
     ``memory_mb`` bounds activation memory (default: a share of free GPU memory or RAM); batch sizes follow it
-    and halve on out-of-memory. ``overlap`` and ``halo`` shape the sliding window (see :mod:`.sliding`). Tiles
-    that carry less than ``min_tile_share`` of a segmentation target's blended weight are skipped, which changes
-    the explained target by at most that share; 0 keeps every tile and makes the tiled answer exact.
+    and halve on out-of-memory. ``overlap`` and ``halo`` shape the sliding window (see :mod:`.sliding`). The tiles
+    with the least say in a segmentation target's blended weight are skipped as long as together they carry at most
+    ``min_tile_share`` of it, which changes the explained target by at most that share; 0 keeps every tile and
+    makes the tiled answer exact.
     """
 
     def __init__(self, model: LoadedModel | str | Path, device: str | torch.device = "auto", precision: str = "fp32",
@@ -166,6 +178,7 @@ class Explainer:
         self.halo = halo if halo is not None else (min(patch) // 8 if patch else 0)
         self._prepared: _Prepared | None = None
         self._per_sample: dict[tuple, int] = {}
+        self._fastest: dict[tuple, tuple[int, int]] = {}  # (patch, backward) -> (fastest batch, largest tried)
 
     # ----------------------------------------------------------------------------------------------- input
     def prepare(self, volume: Volume) -> _Prepared:
@@ -212,9 +225,60 @@ class Explainer:
         with torch.no_grad(), autocast(self.device, self.precision):
             return activate(self.model(inputs.to(self.device)).float(), self.model.card.output_activation)
 
-    def _forward_batch(self, shape: tuple[int, ...]) -> int:
+    def _forward_batch(self, shape: tuple[int, ...], needed: int = _BATCH_LIMIT) -> int:
         """Tiles per forward-only batch: activations are freed layer by layer without autograd."""
-        return self.budget.batch_size(self._sample_bytes(shape) // 2, _BATCH_LIMIT)
+        return self._fastest_batch(shape, self.budget.batch_size(self._sample_bytes(shape) // 2, _BATCH_LIMIT),
+                                   False, needed)
+
+    def _fastest_batch(self, shape: tuple[int, ...], limit: int, backward: bool, needed: float) -> int:
+        """The batch size, within the memory budget's ``limit``, with the lowest time per sample.
+
+        The largest batch that fits is not the fastest: on a CPU a batch whose activations overflow the caches runs
+        slower per sample than a small one, and a GPU needs a large batch to be busy. Sizes double until the time
+        per sample stops falling; measured once per patch shape and kind of pass, then kept with the model.
+        """
+        limit = int(max(1, min(limit, np.ceil(needed))))
+        if limit == 1:
+            return 1
+        key = (tuple(shape), backward)
+        best, tried = self._fastest.get(key, (1, 1))
+        if tried < limit and best == tried:
+            best, tried = self._measure_batches(tuple(shape), backward, limit), limit
+            self._fastest[key] = (best, tried)
+        return max(1, min(best, limit))
+
+    def _measure_batches(self, shape: tuple[int, ...], backward: bool, limit: int) -> int:
+        def seconds(batch: int) -> float:
+            x = torch.randn((batch, self.model.card.input_channels) + shape, device=self.device,
+                            requires_grad=backward)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            started = time.perf_counter()
+            with torch.set_grad_enabled(backward), autocast(self.device, self.precision):
+                out = self.model(x)
+                if backward and out.requires_grad:  # a model without gradients is refused by the method itself
+                    torch.autograd.grad(out.float().sum(), x)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            return time.perf_counter() - started
+
+        seconds(1)  # the first call pays for allocations and kernel selection
+        best, best_time, batch = 1, seconds(1), 2
+        while batch <= limit:
+            try:
+                per_sample = min(seconds(batch) for _ in range(2 if best_time * batch < 0.2 else 1)) / batch
+            except Exception as exc:  # noqa: BLE001 - out of memory ends the search, anything else is raised
+                if not is_out_of_memory(exc):
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                break
+            if per_sample < 0.9 * best_time:  # a larger batch must be clearly faster: it also costs memory
+                best, best_time = batch, per_sample
+            elif per_sample > 1.2 * best_time:
+                break
+            batch *= 2
+        return best
 
     def _sample_bytes(self, shape: tuple[int, ...]) -> int:
         key = tuple(shape)
@@ -233,19 +297,23 @@ class Explainer:
             prepared.probabilities = with_backoff(
                 lambda b: predict_tiles(self._run_model, prepared.x, grid, Box.whole(prepared.volume.shape), b,
                                         monitor.tick),
-                self._forward_batch(grid.patch), on_retry=lambda _b: monitor.rewind(start))
+                self._forward_batch(grid.patch, len(grid.tiles)), on_retry=lambda _b: monitor.rewind(start))
         return prepared.probabilities
 
     def class_probabilities(self, prepared: _Prepared, extent: Box, monitor: RunMonitor | None = None) -> np.ndarray:
-        """A classifier's class probabilities for the patch at ``extent`` (averaged over its tiles if larger)."""
+        """A classifier's class probabilities for the patch at ``extent`` (averaged over its tiles if larger);
+        kept with the prepared volume, so that trying several methods on one defect predicts it once."""
+        if extent in prepared.class_probabilities:
+            return prepared.class_probabilities[extent]
         tiles = self._grid(prepared.volume.shape, extent).tiles
         total = 0.0
-        for batch in batched(tiles, self._forward_batch(tiles[0].shape)):
+        for batch in batched(tiles, self._forward_batch(tiles[0].shape, len(tiles))):
             if monitor is not None:
                 monitor.check_cancel()
             inputs = torch.cat([crop_padded(prepared.x, tile) for tile in batch])
             total = total + self._run_model(inputs).cpu().numpy().sum(axis=0)
-        return total / len(tiles)
+        prepared.class_probabilities[extent] = total / len(tiles)
+        return prepared.class_probabilities[extent]
 
     # -------------------------------------------------------------------------------------------- plan
     def _grid(self, shape: tuple[int, int, int], extent: Box | None = None) -> TileGrid:
@@ -258,19 +326,23 @@ class Explainer:
         if card.task == "classification":
             extent = self.patch_extent(target.box, shape)
             grid = self._grid(shape, extent)
-            share = channels / len(grid.tiles)
-            return _Plan(grid, grid.tiles, extent, [share.clone() for _ in grid.tiles])
+            return _Plan(grid, grid.tiles, extent, channels)
         grid = self._grid(shape)
-        voxel_weights = {}
+        shares = {}
         for tile in grid.select(target.box):
             region = target.region_weights(tile)
             if region is not None:
-                voxel_weights[tile] = region * grid.importance(tile) / grid.normaliser(tile)
-        # A region in an overlap zone touches many tiles, but the Gaussian blend gives most of them almost no say.
-        total = sum(float(w.sum()) for w in voxel_weights.values())
-        kept = [t for t, w in voxel_weights.items() if float(w.sum()) >= self.min_tile_share * total]
-        weights = [channels[:, None, None, None] * torch.from_numpy(voxel_weights[t])[None] for t in kept]
-        return _Plan(grid, kept, grid.covering(kept), weights)
+                shares[tile] = float((region * grid.importance(tile) / grid.normaliser(tile)).sum())
+        # A region in an overlap zone touches many tiles, but the Gaussian blend gives most of them almost no say:
+        # the tiles with the least say are left out while together they carry at most min_tile_share of the target.
+        total, dropped, left_out = sum(shares.values()), 0.0, set()
+        for tile, share in sorted(shares.items(), key=lambda item: item[1]):
+            if dropped + share > self.min_tile_share * total:
+                break
+            dropped += share
+            left_out.add(tile)
+        kept = [t for t in shares if t not in left_out]
+        return _Plan(grid, kept, grid.covering(kept), channels, target)
 
     def patch_extent(self, region: Box, shape: tuple[int, int, int]) -> Box:
         """A classifier's extent: the region grown to at least one patch, centred, moved inside the volume."""
@@ -355,7 +427,8 @@ class Explainer:
         timings["explain_s"] = time.perf_counter() - t0
         if spec.absolute:
             result = np.abs(result)
-        result = result.sum(axis=0)  # one map per voxel: the input channels' attributions add up
+        # One map per voxel: the input channels' attributions add up (one channel: no copy of a large map).
+        result = result[0] if result.shape[0] == 1 else result.sum(axis=0)
         if not np.all(np.isfinite(result)):
             raise MethodError(f"{spec.label} produced non-finite values on this input (numerical overflow); try "
                               "fp32 precision or other settings.")
@@ -373,8 +446,12 @@ class Explainer:
         extent = plan.extent.clip(shape)
         if extent != plan.extent:  # a volume smaller than the patch: its padding is not part of the map
             result = result[extent.offset([-v for v in plan.extent.lo]).slices]
-        extent_volume = volume.crop(extent).with_array(result.astype(np.float32, copy=False))
-        attribution = volume.embed(extent_volume, extent) if output == "full" else extent_volume
+        result = result.astype(np.float32, copy=False)
+        if extent == Box.whole(shape):  # a whole part: the map is the output, no copies of volume size
+            attribution = volume.with_array(result)
+        else:
+            extent_volume = volume.crop(extent).with_array(result)
+            attribution = volume.embed(extent_volume, extent) if output == "full" else extent_volume
         confidence = None
         if probabilities is not None:
             confidence = volume.with_array(np.ascontiguousarray(probabilities[resolved.class_index], np.float32))
@@ -397,9 +474,13 @@ class Explainer:
 
     def _class_masks(self, probabilities: np.ndarray) -> Callable[[int], np.ndarray]:
         def mask(index: int) -> np.ndarray:
-            if self.model.card.output_activation == "softmax":
-                return probabilities.argmax(axis=0) == index
-            return probabilities[index] > 0.5
+            if self.model.card.output_activation != "softmax":
+                return probabilities[index] > 0.5
+            # Slab by slab: argmax's int64 labels of a whole part would take twice the probabilities' memory.
+            mask = np.empty(probabilities.shape[1:], bool)
+            for k in range(0, mask.shape[0], 16):
+                mask[k:k + 16] = probabilities[:, k:k + 16].argmax(axis=0) == index
+            return mask
         return mask
 
     def _segmentation_summary(self, probabilities: np.ndarray, target: ResolvedTarget) -> dict[str, Any]:
@@ -429,12 +510,13 @@ class Explainer:
     def _run_tiles(self, spec: MethodSpec, values: dict, prepared: _Prepared, plan: _Plan, layer: nn.Module | None,
                    activation: str, baselines: _Baselines, monitor: RunMonitor, seed: int) -> np.ndarray:
         total = np.zeros((prepared.x.shape[1],) + plan.extent.shape, np.float32)
-        weight_sum = np.zeros(plan.extent.shape, np.float32)
+        weight_sum = np.zeros(plan.extent.shape, np.float32) if spec.aggregation == "blend" else None
         per_sample = self._sample_bytes(plan.grid.patch) * 3  # activations + their gradients + the input's
-        batch = self.budget.batch_size(per_sample, _BATCH_LIMIT)
+        batch = self._fastest_batch(plan.grid.patch, self.budget.batch_size(per_sample, _BATCH_LIMIT), True,
+                                    spec.samples(values, plan.grid.patch))
 
         def run_tile(index: int, kernel: Callable, statistics: torch.Tensor | None) -> torch.Tensor:
-            tile, weights = plan.tiles[index], plan.weights[index]
+            tile, weights = plan.tiles[index], plan.weights(index)
             x = crop_padded(prepared.x, tile).to(self.device)
             score = ScoreModel(self.model.module, weights.to(self.device), activation, monitor, self.precision)
             start = monitor.done
@@ -466,23 +548,37 @@ class Explainer:
     def _tiled_forward(self, plan: _Plan, activation: str, monitor: RunMonitor) -> Callable[[torch.Tensor], torch.Tensor]:
         """The target score of the sliding-window model over ``plan.extent``: (N, C, *extent) -> (N,)."""
         tiles = [tile.offset([-v for v in plan.extent.lo]) for tile in plan.tiles]
-        weights = [w.to(self.device) for w in plan.weights]
+        # One tile's weights at a time: kept for the next call only when every tile's fit in a small share of memory.
+        keep = len(tiles) * self._weight_bytes(plan) <= self.budget.bytes // 16
+        cache: dict[int, torch.Tensor] = {}
+
+        def weights(index: int) -> torch.Tensor:
+            if index in cache:
+                return cache[index]
+            w = plan.weights(index).to(self.device)
+            if keep:
+                cache[index] = w
+            return w
 
         def forward(batch: torch.Tensor) -> torch.Tensor:
             monitor.tick(batch.shape[0])
             scores = torch.zeros(batch.shape[0])
-            for tile, w in zip(tiles, weights):
+            for index, tile in enumerate(tiles):
                 with torch.no_grad(), autocast(self.device, self.precision):
                     out = self.model(crop_padded(batch, tile).to(self.device))
-                scores += (activate(out.float(), activation) * w).flatten(1).sum(1).cpu()
+                scores += (activate(out.float(), activation) * weights(index)).flatten(1).sum(1).cpu()
             return scores
 
         return forward
 
-    def _volume_batch(self, plan: _Plan) -> int:
+    def _weight_bytes(self, plan: _Plan) -> int:
+        return len(self.model.card.class_names) * int(np.prod(plan.grid.patch)) * 4 if plan.target is not None else 0
+
+    def _volume_batch(self, plan: _Plan, needed: float = _BATCH_LIMIT) -> int:
         """Perturbed copies of the extent per call: their tiles' activations plus the copies themselves."""
         extent_bytes = int(np.prod(plan.extent.shape)) * self.model.card.input_channels * 4
-        return self.budget.batch_size(self._sample_bytes(plan.grid.patch) // 2 + extent_bytes, _BATCH_LIMIT)
+        limit = self.budget.batch_size(self._sample_bytes(plan.grid.patch) // 2 + extent_bytes, _BATCH_LIMIT)
+        return self._fastest_batch(plan.grid.patch, limit, False, needed)
 
     def _run_volume(self, spec: MethodSpec, values: dict, prepared: _Prepared, plan: _Plan, target: ResolvedTarget,
                     activation: str, baselines: _Baselines, monitor: RunMonitor, seed: int,
@@ -490,8 +586,9 @@ class Explainer:
         forward = self._tiled_forward(plan, activation, monitor)
         crop = None if probabilities is None else (lambda: probabilities[(slice(None),) + plan.extent.slices])
         tiles = [(tile.offset([-v for v in plan.extent.lo]),
-                  ScoreModel(self.model.module, w.to(self.device), activation, monitor, self.precision))
-                 for tile, w in zip(plan.tiles, plan.weights)]
+                  lambda index=index: ScoreModel(self.model.module, plan.weights(index).to(self.device), activation,
+                                                 monitor, self.precision))
+                 for index, tile in enumerate(plan.tiles)]
         start = monitor.done
 
         def run(batch_size: int) -> torch.Tensor:
@@ -501,7 +598,7 @@ class Explainer:
                                 tiles=tiles, tick=monitor.tick, notes=notes)
             return spec.kernel(ctx, values)
 
-        return with_backoff(run, self._volume_batch(plan), on_retry=lambda _b: monitor.rewind(start)) \
+        return with_backoff(run, self._volume_batch(plan, spec.samples(values, plan.extent.shape)), on_retry=lambda _b: monitor.rewind(start)) \
             .detach().float().cpu().numpy()
 
 

@@ -476,12 +476,13 @@ def _tile_boxes(lo: np.ndarray, hi: np.ndarray, tile_lo: np.ndarray, tile_hi: np
     return t_lo, t_hi, touched
 
 
-def occlusion_map(x: torch.Tensor, fill: torch.Tensor, tiles: list[tuple[Any, nn.Module]], window: int, stride: int,
-                  batch_size: int, tick: Callable[[float], None],
+def occlusion_map(x: torch.Tensor, fill: torch.Tensor, tiles: list[tuple[Any, Callable[[], nn.Module]]], window: int,
+                  stride: int, batch_size: int, tick: Callable[[float], None],
                   crop: Callable[[torch.Tensor, Any], torch.Tensor]) -> tuple[torch.Tensor, list[str]]:
     """Occlusion over an extent ``x`` (1, C, D, H, W) with windows filled from ``fill``, by incremental passes.
 
-    ``tiles`` are the sliding-window tiles as (Box in extent coordinates, ScoreModel); the target score of an
+    ``tiles`` are the sliding-window tiles as (Box in extent coordinates, a function making the tile's
+    ScoreModel, so that one tile's target weights are in memory at a time); the target score of an
     occluded extent is the sum of its tiles' scores, and a window changes only the tiles it touches. Returns the
     map (C, D, H, W) as Captum's ``Occlusion`` defines it (per voxel, the mean score drop over the windows covering
     it; every channel the same) and notes for the user. Raises :class:`Unsupported` before any model evaluation
@@ -489,12 +490,14 @@ def occlusion_map(x: torch.Tensor, fill: torch.Tensor, tiles: list[tuple[Any, nn
     """
     lo, hi = window_boxes(tuple(x.shape[2:]), window, stride)
     extent = np.array(x.shape[2:])
-    engine = IncrementalOcclusion(tiles[0][1].network)
+    engine = None
     occluded = torch.zeros(len(lo), dtype=torch.float64)
     clean_total = 0.0
     touched_total = sum(int(_tile_boxes(lo, hi, *_tile_kji(tile), extent)[2].sum()) for tile, _ in tiles)
     scale = len(lo) / max(touched_total, 1)  # progress counts windows, however many tiles each one touches
-    for tile, score in tiles:
+    for tile, make_score in tiles:
+        score = make_score()
+        engine = engine or IncrementalOcclusion(score.network)
         device = score.weights.device
         x_tile, fill_tile = crop(x, tile).to(device), crop(fill, tile).to(device)
         t_lo, t_hi, touched = _tile_boxes(lo, hi, *_tile_kji(tile), extent)

@@ -169,7 +169,7 @@ class VolumeContext:
     spacing: tuple[float, float, float]               # mm along i, j, k
     target: Any                                       # the ResolvedTarget
     probabilities: Callable[[], np.ndarray] | None = field(default=None)  # blended (C, D, H, W) over the extent
-    tiles: list = field(default_factory=list)         # (Box in extent coordinates, ScoreModel) per tile
+    tiles: list = field(default_factory=list)         # per tile: (Box in extent coordinates, () -> ScoreModel)
     tick: Callable[[float], None] | None = None       # counts model evaluations made without ``forward``; cancels
     notes: list[str] = field(default_factory=list)    # what the user should know about how the map was made
 
