@@ -216,11 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_explain)
 
+    from .bench import add_parser as add_bench
     from .demo import add_parser as add_demo
     from .training import add_parser as add_train
 
     add_demo(sub)
     add_train(sub)
+    add_bench(sub)
     return parser
 
 
