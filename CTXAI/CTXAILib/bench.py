@@ -188,6 +188,21 @@ def _rss_mib(max_rss: int) -> float:
     return max_rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+def _own_peak_mib(field: str = "VmHWM") -> float | None:
+    """This process's peak (VmHWM) or current (VmRSS) resident memory from /proc, in MiB.
+
+    Linux carries a parent's high-water mark into ru_maxrss across fork and exec, so a child of a parent that
+    generated a 256³ phantom would report the parent's peak; /proc's counters belong to the child's own memory."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
+    return None
+
+
 @contextlib.contextmanager
 def _counting(module, counts: list[int]) -> Iterator[None]:
     """Record the batch size of every call of ``module``: how many samples a run pushed through the network."""
@@ -520,7 +535,7 @@ def _memory_child(case: Case, variant: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     explainer, volume, target, _box = _engine_setup(case)
-    before = _rss_mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    before = _own_peak_mib() or _rss_mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     if explainer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(explainer.device)
     counts: list[int] = []
@@ -702,6 +717,7 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
     except CTXAIError as exc:
         args.result.write_text(json.dumps({"error": {"type": type(exc).__name__, "message": str(exc)}}))
         return 2
+    result["own_peak_rss_mib"] = _own_peak_mib()
     args.result.write_text(json.dumps(result))
     return 0
 
@@ -721,7 +737,7 @@ def _run_child(kind: str, case: Case, workdir: Path, variant: int = 0) -> tuple[
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
                                    env=env)
         try:
-            _pid, status, usage = os.wait4(process.pid, 0)  # the child's own rusage: its peak resident set
+            _pid, status, usage = os.wait4(process.pid, 0)  # its rusage is the fallback where /proc is missing
         except BaseException:
             process.kill()
             process.wait()
@@ -735,7 +751,7 @@ def _run_child(kind: str, case: Case, workdir: Path, variant: int = 0) -> tuple[
         tail = "\n".join(log.read_text().strip().splitlines()[-15:])
         raise CTXAIError(f"The {kind} child of benchmark case {case.name} failed with exit status "
                          f"{process.returncode}:\n{tail}")
-    return data, _rss_mib(usage.ru_maxrss)
+    return data, data.get("own_peak_rss_mib") or _rss_mib(usage.ru_maxrss)
 
 
 # ---------------------------------------------------------------------------------------------- the run

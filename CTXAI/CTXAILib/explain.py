@@ -243,11 +243,11 @@ class Explainer:
         key = (tuple(shape), backward)
         best, tried = self._fastest.get(key, (1, 1))
         if tried < limit and best == tried:
-            best, tried = self._measure_batches(tuple(shape), backward, limit), limit
+            best, tried = self._measure_batches(tuple(shape), backward, limit, needed), limit
             self._fastest[key] = (best, tried)
         return max(1, min(best, limit))
 
-    def _measure_batches(self, shape: tuple[int, ...], backward: bool, limit: int) -> int:
+    def _measure_batches(self, shape: tuple[int, ...], backward: bool, limit: int, needed: float) -> int:
         def seconds(batch: int) -> float:
             x = torch.randn((batch, self.model.card.input_channels) + shape, device=self.device,
                             requires_grad=backward)
@@ -262,20 +262,27 @@ class Explainer:
                 torch.cuda.synchronize(self.device)
             return time.perf_counter() - started
 
-        seconds(1)  # the first call pays for allocations and kernel selection
-        best, best_time, batch = 1, seconds(1), 2
-        while batch <= limit:
+        def per_sample(batch: int) -> float:
+            first = seconds(batch)  # a new size selects its kernels and allocates on its first call
+            # The best of a few calls: a shared machine only ever slows a measurement down.
+            return min(seconds(batch) for _ in range(3 if first < 0.1 else 2 if first < 1.0 else 1)) / batch
+
+        started = time.perf_counter()
+        best, best_time, batch = 1, per_sample(1), 2
+        # The search may take a tenth of the run it tunes, or two seconds: it is done once per session.
+        allowed = max(2.0, 0.1 * needed * best_time)
+        while batch <= limit and time.perf_counter() - started < allowed:
             try:
-                per_sample = min(seconds(batch) for _ in range(2 if best_time * batch < 0.2 else 1)) / batch
+                time_per_sample = per_sample(batch)
             except Exception as exc:  # noqa: BLE001 - out of memory ends the search, anything else is raised
                 if not is_out_of_memory(exc):
                     raise
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 break
-            if per_sample < 0.9 * best_time:  # a larger batch must be clearly faster: it also costs memory
-                best, best_time = batch, per_sample
-            elif per_sample > 1.2 * best_time:
+            if time_per_sample < 0.95 * best_time:  # a larger batch must be faster: it also costs memory
+                best, best_time = batch, time_per_sample
+            elif time_per_sample > 1.5 * best_time:
                 break
             batch *= 2
         return best

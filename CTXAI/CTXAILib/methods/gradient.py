@@ -9,9 +9,11 @@ because |a| + |b| is not |a + b|.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Iterator
 
 import torch
+from torch import nn
 from captum.attr import (DeepLift, DeepLiftShap, GradientShap, GuidedBackprop, InputXGradient, IntegratedGradients,
                          NoiseTunnel, Saliency)
 
@@ -91,21 +93,29 @@ def gradient_shap(ctx: TileContext, settings: dict) -> torch.Tensor:
     return (total / settings["samples"])[0]
 
 
+# Which modules a network calls more than once per forward: found once per network (an extra hooked forward pass
+# would otherwise double the cost of every DeepLIFT run).
+_REUSED: "weakref.WeakKeyDictionary[nn.Module, list[str]]" = weakref.WeakKeyDictionary()
+
+
 def _check_single_use(ctx: TileContext, method: str) -> None:
     """DeepLIFT keeps one reference activation per module: a module called twice per forward corrupts it."""
-    calls: dict[str, int] = {}
-    handles = []
-    for name, module in ctx.model.module.named_modules():
-        if name and not list(module.children()):
-            handles.append(module.register_forward_hook(
-                lambda m, i, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1)))
-    try:
-        with torch.no_grad():
-            ctx.model.module(ctx.x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    reused = sorted(name for name, count in calls.items() if count > 1)
+    network = ctx.model.module
+    if network not in _REUSED:
+        calls: dict[str, int] = {}
+        handles = []
+        for name, module in network.named_modules():
+            if name and not list(module.children()):
+                handles.append(module.register_forward_hook(
+                    lambda m, i, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1)))
+        try:
+            with torch.no_grad():
+                network(ctx.x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        _REUSED[network] = sorted(name for name, count in calls.items() if count > 1)
+    reused = _REUSED[network]
     if reused:
         raise MethodError(f"{method} cannot explain this model: module(s) {', '.join(reused)} are called more than "
                           "once per forward pass, which breaks DeepLIFT's reference activations. Use Integrated "
