@@ -193,8 +193,10 @@ class Explainer:
                              f"{'scalar' if card.input_channels == 1 else f'{card.input_channels}-component'} volume.")
         if not np.issubdtype(volume.array.dtype, np.number) or np.issubdtype(volume.array.dtype, np.complexfloating):
             raise InputError(f"Volume voxels must be real numbers, got dtype {volume.array.dtype}.")
-        bad = ~np.isfinite(volume.array) if np.issubdtype(volume.array.dtype, np.floating) else None
-        if bad is not None and bad.any():
+        finite = not np.issubdtype(volume.array.dtype, np.floating) or all(
+            np.isfinite(volume.array[..., k:k + 16, :, :]).all() for k in range(0, volume.shape[0], 16))
+        if not finite:  # checked slab by slab above: a mask of the whole part is only made to report the first one
+            bad = ~np.isfinite(volume.array)
             first = np.argwhere(bad)[0][-3:][::-1]
             raise InputError(f"The volume has {int(bad.sum())} NaN or infinite voxel(s), the first at voxel "
                              f"{tuple(int(v) for v in first)} (i,j,k). Replace them (e.g. threshold or fill the "
@@ -296,7 +298,10 @@ class Explainer:
 
     def segmentation_probabilities(self, prepared: _Prepared, progress: ProgressCallback | None = None,
                                    cancel: CancelToken | None = None) -> np.ndarray:
-        """Blended sliding-window class probabilities (classes, K, J, I) of the whole volume, cached."""
+        """Blended sliding-window class probabilities (classes, K, J, I) of the whole volume, cached.
+
+        Kept as float16: a probability needs no more than its 5e-4 resolution, and these maps are the largest
+        thing a run over a whole part holds besides the volume itself."""
         if prepared.probabilities is None:
             grid = self._grid(prepared.volume.shape)
             monitor = RunMonitor(len(grid.tiles), progress, cancel, message="predicting (sliding window)")
@@ -304,7 +309,8 @@ class Explainer:
             prepared.probabilities = with_backoff(
                 lambda b: predict_tiles(self._run_model, prepared.x, grid, Box.whole(prepared.volume.shape), b,
                                         monitor.tick),
-                self._forward_batch(grid.patch, len(grid.tiles)), on_retry=lambda _b: monitor.rewind(start))
+                self._forward_batch(grid.patch, len(grid.tiles)),
+                on_retry=lambda _b: monitor.rewind(start)).astype(np.float16)
         return prepared.probabilities
 
     def class_probabilities(self, prepared: _Prepared, extent: Box, monitor: RunMonitor | None = None) -> np.ndarray:
