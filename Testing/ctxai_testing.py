@@ -72,3 +72,16 @@ def write_model(folder: Path, name: str, task: str, patch=(32, 32, 32), seed: in
     path = folder / f"{name}.json"
     path.write_text(json.dumps(card, indent=2))
     return path
+
+
+def write_torchscript_card(folder: Path, card: Path) -> Path:
+    """A TorchScript copy (traced on a 32³ patch) of the model behind ``card``, with its own card; returns it."""
+    from CTXAILib import load_model
+
+    net = load_model(card).module
+    torch.jit.trace(net, torch.zeros(1, 1, 32, 32, 32)).save(str(folder / "ts.pt"))
+    data = json.loads(card.read_text())
+    data.update(format="torchscript", weights="ts.pt")
+    data.pop("sha256")
+    (folder / "ts.json").write_text(json.dumps(data))
+    return folder / "ts.json"

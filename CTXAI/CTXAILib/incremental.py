@@ -101,13 +101,6 @@ class _Local:
     hi: np.ndarray
     groups: list[tuple[np.ndarray, torch.Tensor]]
 
-    def piece(self, position: int) -> torch.Tensor:
-        for positions, values in self.groups:
-            where = np.flatnonzero(positions == position)
-            if where.size:
-                return values[int(where[0])]
-        raise KeyError(position)
-
     def pieces(self) -> dict[int, torch.Tensor]:
         return {int(p): values[g] for positions, values in self.groups for g, p in enumerate(positions)}
 
@@ -177,7 +170,7 @@ class IncrementalOcclusion:
             if isinstance(module, _POINTWISE_MODULES) or (isinstance(module, (nn.Softmax, nn.LogSoftmax))
                                                            and module.dim == 1):
                 return _Op(node, "pointwise")
-            if isinstance(module, nn.AdaptiveAvgPool3d) and _Reach.of(module.output_size, 1, 0).kernel.tolist() == [1] * 3:
+            if isinstance(module, nn.AdaptiveAvgPool3d) and np.all(_Reach.of(module.output_size, 1, 0).kernel == 1):
                 return _Op(node, "mean")
             return _Op(node, "dense")
         if node.op == "call_function" and node.target is torch.cat:
@@ -444,7 +437,8 @@ class IncrementalOcclusion:
             return getattr(args[0], node.target)(*args[1:], **kwargs)
         return node.target(*args, **kwargs)
 
-    def _score(self, clean: dict, values: dict, boxes: dict, result: Any, part: slice, score: nn.Module) -> torch.Tensor:
+    def _score(self, clean: dict, values: dict, boxes: dict, result: Any, part: slice,
+               score: nn.Module) -> torch.Tensor:
         if not isinstance(result, fx.Node) or result not in values:
             raise Unsupported("its output is not a single tensor computed from the input")
         value = values[result]

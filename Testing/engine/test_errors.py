@@ -11,6 +11,7 @@ from torch import nn
 
 from CTXAILib import (Box, BoxRegion, Explainer, InputError, LayerError, LoadedModel, MethodError, ModelCard,
                       ModelError, RegionError, SettingError, Target, TargetError, Volume, VoxelRegion, load_model)
+from ctxai_testing import write_torchscript_card
 
 
 @pytest.fixture(scope="module")
@@ -131,13 +132,7 @@ def test_unknown_method_and_settings(explainer, volume):
 
 
 def test_torchscript_rejects_hook_methods(tmp_path, classifier_card, volume):
-    net = load_model(classifier_card).module
-    torch.jit.trace(net, torch.zeros(1, 1, 32, 32, 32)).save(str(tmp_path / "ts.pt"))
-    data = json.loads(classifier_card.read_text())
-    data.update(format="torchscript", weights="ts.pt")
-    data.pop("sha256")
-    (tmp_path / "ts.json").write_text(json.dumps(data))
-    explainer = Explainer(tmp_path / "ts.json", device="cpu")
+    explainer = Explainer(write_torchscript_card(tmp_path, classifier_card), device="cpu")
     for method in ("gradcam", "lrp", "guided_backprop", "deeplift"):
         with pytest.raises(MethodError, match="TorchScript"):
             explainer.explain(volume, method)

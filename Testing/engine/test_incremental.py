@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from CTXAILib import Box, BoxRegion, Explainer, SettingError, Target, Volume, load_model
+from CTXAILib import Box, BoxRegion, Explainer, SettingError, Target, load_model
 from CTXAILib.evaluation import bundled_model
 from CTXAILib.incremental import IncrementalOcclusion, Unsupported, window_boxes
 from CTXAILib.models import sha256_file
 from CTXAILib.errors import Cancelled
-from ctxai_testing import calibrate_batchnorm, ct_volume
+from ctxai_testing import calibrate_batchnorm, ct_volume, write_torchscript_card
 
 
 def both(explainer, volume, target, **settings):
@@ -94,16 +94,11 @@ def test_monai_unet_matches_exhaustive(tmp_path, norm):
 
 
 def test_torchscript_falls_back_and_says_so(tmp_path, classifier_card):
-    net = load_model(classifier_card).module
-    torch.jit.trace(net, torch.zeros(1, 1, 32, 32, 32)).save(str(tmp_path / "ts.pt"))
-    data = json.loads(classifier_card.read_text())
-    data.update(format="torchscript", weights="ts.pt")
-    data.pop("sha256")
-    (tmp_path / "ts.json").write_text(json.dumps(data))
+    card = write_torchscript_card(tmp_path, classifier_card)
     with pytest.raises(Unsupported, match="TorchScript"):
-        IncrementalOcclusion(load_model(tmp_path / "ts.json").module)
+        IncrementalOcclusion(load_model(card).module)
     volume = ct_volume((32, 32, 32))
-    exhaustive, incremental = both(Explainer(tmp_path / "ts.json", device="cpu"), volume, None, window=8, stride=8)
+    exhaustive, incremental = both(Explainer(card, device="cpu"), volume, None, window=8, stride=8)
     assert any("cannot follow this model" in w and "TorchScript" in w for w in incremental.warnings)
     np.testing.assert_array_equal(exhaustive.attribution.array, incremental.attribution.array)
 

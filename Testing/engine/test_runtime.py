@@ -146,3 +146,14 @@ def test_separable_normaliser_equals_the_sum_of_tile_weights():
     np.testing.assert_allclose(grid.normaliser(Box.whole((37, 50, 29))), brute, rtol=1e-5)
     inner = Box((3, 5, 7), (20, 30, 25))
     np.testing.assert_allclose(grid.normaliser(inner), brute[inner.slices], rtol=1e-5)
+
+
+def test_channels_last_layout_gives_the_same_map(classifier_card, volume):
+    maps = []
+    for channels_last in (False, True):
+        explainer = Explainer(load_model(classifier_card), device="cpu", channels_last=channels_last)
+        conv = explainer.model.get_layer("features.block1.conv2")  # conv1 has one input channel: both layouts
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d) == channels_last
+        maps.append(explainer.explain(volume, "integrated_gradients", Target("pore"), settings={"steps": 8})
+                    .attribution.array)
+    np.testing.assert_allclose(maps[1], maps[0], rtol=1e-4, atol=1e-6 * float(np.abs(maps[0]).max()))
