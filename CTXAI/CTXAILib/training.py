@@ -21,7 +21,7 @@ import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -148,6 +148,34 @@ def _provenance(kind: str, seeds: range, steps: int, seed: int, started: float, 
             **extra}
 
 
+def _optimise(model: torch.nn.Module, steps: int, batch_loss: Callable[[], torch.Tensor], started: float,
+              log) -> None:
+    """AdamW with a one-cycle schedule over ``steps``; ``batch_loss()`` draws a batch and returns its loss."""
+    optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=2e-3, total_steps=steps, pct_start=0.15)
+    model.train()
+    for step in range(1, steps + 1):
+        loss = batch_loss()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        if step % 100 == 0 or step == steps:
+            log(f"step {step}/{steps} loss {loss.item():.3f} ({(time.perf_counter() - started) / 60:.1f} min)")
+    model.eval()
+
+
+def _publish(saved: tuple[Path, Path], card: ModelCard, quality: Callable[[Path], dict], started: float,
+             log) -> TrainResult:
+    """Measure the held-out quality of the saved model (card, weights) into its card, and save the card again."""
+    card_path, weights_path = saved
+    log("evaluating on held-out phantoms")
+    card.metrics = quality(card_path)
+    card.training["minutes"] = round((time.perf_counter() - started) / 60, 1)
+    card.save(card_path)
+    return TrainResult(card_path, weights_path, card.metrics, card.training["minutes"])
+
+
 def train_classifier(out_dir: Path, phantoms: int = 48, steps: int = 1200, batch: int = 32, seed: int = 0,
                      evaluate_on: int = 10, log=print) -> TrainResult:
     """Train the defect classifier; see the module docstring. Returns where it was written and its quality."""
@@ -164,22 +192,15 @@ def train_classifier(out_dir: Path, phantoms: int = 48, steps: int = 1200, batch
     weights = 1.0 / np.bincount(y, minlength=4)[y]
     weights /= weights.sum()
     model = DefectClassifier3D(num_classes=len(CLASSIFIER_CLASSES))
-    optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=2e-3, total_steps=steps, pct_start=0.15)
-    model.train()
-    for step in range(1, steps + 1):
+
+    def batch_loss() -> torch.Tensor:
         index = rng.choice(len(y), size=batch, p=weights)
         inputs = torch.from_numpy(x[index].astype(np.float32))[:, None]
         inputs = inputs + 0.01 * torch.randn_like(inputs)  # a little extra noise: scans differ in dose
         (inputs,) = _augment(inputs, rng)
-        loss = F.cross_entropy(model(inputs), torch.from_numpy(y[index]), label_smoothing=0.05)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        if step % 100 == 0 or step == steps:
-            log(f"step {step}/{steps} loss {loss.item():.3f} ({(time.perf_counter() - started) / 60:.1f} min)")
-    model.eval()
+        return F.cross_entropy(model(inputs), torch.from_numpy(y[index]), label_smoothing=0.05)
+
+    _optimise(model, steps, batch_loss, started, log)
     card = ModelCard(
         name="ctxai-defect-classifier", task="classification", class_names=list(CLASSIFIER_CLASSES),
         format="state_dict", weights="classifier.pt", input_channels=1,
@@ -194,16 +215,16 @@ def train_classifier(out_dir: Path, phantoms: int = 48, steps: int = 1200, batch
     card.training = _provenance("classifier", seeds, steps, seed, started,
                                 {"patches": int(len(y)), "batch": batch, "augmentation": "flips, quarter turns "
                                  "about k, noise", "class_mapping": TYPE_TO_CLASS})
-    card_path, weights_path = _save(model, card, out_dir, "classifier")
-    log("evaluating on held-out phantoms")
     held_out = range(HELD_OUT_SEED_BASE, HELD_OUT_SEED_BASE + evaluate_on)
-    metrics = classifier_quality(card_path, held_out)
-    metrics["gradcam_pointing_game"] = pointing_game(card_path, held_out[:3])
-    card.metrics = metrics
-    card.training["minutes"] = round((time.perf_counter() - started) / 60, 1)
-    card.save(card_path)
-    log(f"held-out balanced accuracy {metrics['balanced_accuracy']:.3f}")
-    return TrainResult(card_path, weights_path, metrics, card.training["minutes"])
+
+    def quality(card_path: Path) -> dict:
+        metrics = classifier_quality(card_path, held_out)
+        metrics["gradcam_pointing_game"] = pointing_game(card_path, held_out[:3])
+        return metrics
+
+    result = _publish(_save(model, card, out_dir, "classifier"), card, quality, started, log)
+    log(f"held-out balanced accuracy {result.metrics['balanced_accuracy']:.3f}")
+    return result
 
 
 def _dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -232,11 +253,9 @@ def train_unet(out_dir: Path, phantoms: int = 36, steps: int = 1500, batch: int 
                         np.argwhere(phantom.labels.array > 0), np.argwhere(phantom.part.array)))
     air = float(NORMALIZATION.apply(CT_AIR))
     model = UNet3D(out_channels=len(SEGMENTATION_CLASSES), widths=(12, 24, 48, 96))
-    optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=2e-3, total_steps=steps, pct_start=0.15)
     class_weights = torch.tensor([0.5, 1.0, 1.0])
-    model.train()
-    for step in range(1, steps + 1):
+
+    def batch_loss() -> torch.Tensor:
         inputs, targets = [], []
         for _ in range(batch):
             ct, target, defect_voxels, part_voxels = volumes[int(rng.integers(len(volumes)))]
@@ -249,14 +268,9 @@ def train_unet(out_dir: Path, phantoms: int = 36, steps: int = 1500, batch: int 
         t = torch.from_numpy(np.stack(targets).astype(np.int64))
         x, t = _augment(x, rng, t)
         logits = model(x + 0.01 * torch.randn_like(x))
-        loss = F.cross_entropy(logits, t, weight=class_weights) + _dice_loss(logits, t)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        if step % 100 == 0 or step == steps:
-            log(f"step {step}/{steps} loss {loss.item():.3f} ({(time.perf_counter() - started) / 60:.1f} min)")
-    model.eval()
+        return F.cross_entropy(logits, t, weight=class_weights) + _dice_loss(logits, t)
+
+    _optimise(model, steps, batch_loss, started, log)
     card = ModelCard(
         name="ctxai-defect-unet", task="segmentation", class_names=list(SEGMENTATION_CLASSES),
         format="state_dict", weights="unet.pt", input_channels=1, patch_size=(UNET_PATCH,) * 3,
@@ -271,14 +285,11 @@ def train_unet(out_dir: Path, phantoms: int = 36, steps: int = 1500, batch: int 
     card.training = _provenance("unet", seeds, steps, seed, started,
                                 {"crop": UNET_CROP, "batch": batch, "loss": "weighted cross-entropy + soft Dice",
                                  "class_mapping": TYPE_TO_SEGMENT})
-    card_path, weights_path = _save(model, card, out_dir, "unet")
-    log("evaluating on held-out phantoms")
-    metrics = segmentation_quality(card_path, range(HELD_OUT_SEED_BASE, HELD_OUT_SEED_BASE + evaluate_on))
-    card.metrics = metrics
-    card.training["minutes"] = round((time.perf_counter() - started) / 60, 1)
-    card.save(card_path)
-    log(f"held-out Dice {metrics['dice']:.3f}, detection recall {metrics['detection_recall']:.3f}")
-    return TrainResult(card_path, weights_path, metrics, card.training["minutes"])
+    held_out = range(HELD_OUT_SEED_BASE, HELD_OUT_SEED_BASE + evaluate_on)
+    result = _publish(_save(model, card, out_dir, "unet"), card,
+                      lambda card_path: segmentation_quality(card_path, held_out), started, log)
+    log(f"held-out Dice {result.metrics['dice']:.3f}, detection recall {result.metrics['detection_recall']:.3f}")
+    return result
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
