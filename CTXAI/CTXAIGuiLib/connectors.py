@@ -32,17 +32,12 @@ def floatDecimals(setting: dict) -> int:
     return int(min(12, max(2, 1 - math.floor(math.log10(smallest)))))
 
 
-class ItemDataComboBoxConnector(GuiConnector):
-    """Binds a str parameter to a combobox filled at run time; each item's data is the parameter value.
-
-    >>> connector = ItemDataComboBoxConnector(widget.ui.targetClassComboBox)
-    >>> connector.setItems([("(predicted class)", ""), ("pore", "pore")])
-    >>> parameterNode.connectParametersToGui({"targetClass": connector})
-    """
+class _ExplicitConnector(GuiConnector):
+    """A connector the parameter node wrapper never picks by itself: it is passed through MANUAL_BINDINGS."""
 
     @staticmethod
     def canRepresent(widget, datatype) -> bool:
-        return False  # never chosen automatically: only passed explicitly through MANUAL_BINDINGS
+        return False
 
     @staticmethod
     def create(widget, datatype):
@@ -52,14 +47,23 @@ class ItemDataComboBoxConnector(GuiConnector):
         super().__init__()
         self._widget = widget
 
+    def widget(self):
+        return self._widget
+
+
+class ItemDataComboBoxConnector(_ExplicitConnector):
+    """Binds a str parameter to a combobox filled at run time; each item's data is the parameter value.
+
+    >>> connector = ItemDataComboBoxConnector(widget.ui.targetClassComboBox)
+    >>> connector.setItems([("(predicted class)", ""), ("pore", "pore")])
+    >>> parameterNode.connectParametersToGui({"targetClass": connector})
+    """
+
     def _connect(self):
         self._widget.currentIndexChanged.connect(self.changed)
 
     def _disconnect(self):
         self._widget.currentIndexChanged.disconnect(self.changed)
-
-    def widget(self):
-        return self._widget
 
     def setItems(self, items) -> None:
         """Replace the items by ``(text, value)`` pairs. The parameter is left alone: write it afterwards."""
@@ -105,7 +109,7 @@ class RunComboBoxConnector(ItemDataComboBoxConnector):
         super().write(value.GetID() if value is not None else None)
 
 
-class MethodSettingsFormConnector(GuiConnector):
+class MethodSettingsFormConnector(_ExplicitConnector):
     """Binds ``methodSettings`` (JSON {method: {setting: value}}) to a form built from the method registry.
 
     int settings get a QSpinBox, float a QDoubleSpinBox (decimals from the range), bool a QCheckBox, choice a
@@ -117,17 +121,8 @@ class MethodSettingsFormConnector(GuiConnector):
     ...                                      "max": 1024, "help": "Integration steps."}], "{}")
     """
 
-    @staticmethod
-    def canRepresent(widget, datatype) -> bool:
-        return False  # never chosen automatically: only passed explicitly through MANUAL_BINDINGS
-
-    @staticmethod
-    def create(widget, datatype):
-        return None
-
     def __init__(self, frame):
-        super().__init__()
-        self._frame = frame
+        super().__init__(frame)
         self._form = None
         self._method = ""
         self._editors = {}  # setting name -> (setting dict, editor widget)
@@ -139,13 +134,11 @@ class MethodSettingsFormConnector(GuiConnector):
     def _disconnect(self):
         """Nothing to do: see :meth:`_connect`."""
 
-    def widget(self):
-        return self._frame
 
     def build(self, method: str, settings: list, storedJson: str) -> None:
         """Replace the form with the settings of ``method``, showing stored values (defaults otherwise)."""
         if self._form is not None:
-            self._frame.layout().removeWidget(self._form)
+            self._widget.layout().removeWidget(self._form)
             self._form.deleteLater()
         self._form = qt.QWidget()
         layout = qt.QFormLayout(self._form)
@@ -159,7 +152,7 @@ class MethodSettingsFormConnector(GuiConnector):
             self._editors[setting["name"]] = (setting, editor)
         if not settings:
             layout.addRow(qt.QLabel(_("(no settings)") if method else _("(the method list is not loaded yet)")))
-        self._frame.layout().addWidget(self._form)
+        self._widget.layout().addWidget(self._form)
         self.write(storedJson)
 
     def _makeEditor(self, setting):
