@@ -20,6 +20,7 @@ pass before trusting the rest.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import operator
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .runtime import autocast
+from .sliding import crop_padded
 
 __all__ = ["IncrementalOcclusion", "Unsupported", "window_boxes"]
 
@@ -101,7 +103,9 @@ class _Local:
     hi: np.ndarray
     groups: list[tuple[np.ndarray, torch.Tensor]]
 
+    @functools.cached_property
     def pieces(self) -> dict[int, torch.Tensor]:
+        """Each window's changed values, by window position."""
         return {int(p): values[g] for positions, values in self.groups for g, p in enumerate(positions)}
 
 
@@ -321,7 +325,7 @@ class IncrementalOcclusion:
 
     def _paste(self, crops: torch.Tensor, crop_lo: np.ndarray, positions: np.ndarray, local: _Local) -> None:
         """Write each window's changed values into its crop (the part of its box the crop covers)."""
-        pieces = local.pieces()
+        pieces = local.pieces
         for g, position in enumerate(positions):
             a = np.maximum(local.lo[position], crop_lo[g])
             b = np.minimum(local.hi[position], crop_lo[g] + np.array(crops.shape[2:]))
@@ -405,7 +409,7 @@ class IncrementalOcclusion:
         if not isinstance(value, _Local):
             return value
         full = clean[node].expand((count,) + tuple(clean[node].shape[1:])).clone()
-        pieces = value.pieces()
+        pieces = value.pieces
         for position in range(count):
             full[(position, slice(None)) + _window(value.lo[position], value.hi[position])] = pieces[position]
         return full
@@ -471,8 +475,7 @@ def _tile_boxes(lo: np.ndarray, hi: np.ndarray, tile_lo: np.ndarray, tile_hi: np
 
 
 def occlusion_map(x: torch.Tensor, fill: torch.Tensor, tiles: list[tuple[Any, Callable[[], nn.Module]]], window: int,
-                  stride: int, batch_size: int, tick: Callable[[float], None],
-                  crop: Callable[[torch.Tensor, Any], torch.Tensor]) -> tuple[torch.Tensor, list[str]]:
+                  stride: int, batch_size: int, tick: Callable[[float], None]) -> tuple[torch.Tensor, list[str]]:
     """Occlusion over an extent ``x`` (1, C, D, H, W) with windows filled from ``fill``, by incremental passes.
 
     ``tiles`` are the sliding-window tiles as (Box in extent coordinates, a function making the tile's
@@ -487,14 +490,14 @@ def occlusion_map(x: torch.Tensor, fill: torch.Tensor, tiles: list[tuple[Any, Ca
     engine = None
     occluded = torch.zeros(len(lo), dtype=torch.float64)
     clean_total = 0.0
-    touched_total = sum(int(_tile_boxes(lo, hi, *_tile_kji(tile), extent)[2].sum()) for tile, _ in tiles)
-    scale = len(lo) / max(touched_total, 1)  # progress counts windows, however many tiles each one touches
-    for tile, make_score in tiles:
+    boxes = [_tile_boxes(lo, hi, *_tile_kji(tile), extent) for tile, _ in tiles]
+    # Progress counts windows, however many tiles each one touches.
+    scale = len(lo) / max(sum(int(touched.sum()) for _, _, touched in boxes), 1)
+    for (tile, make_score), (t_lo, t_hi, touched) in zip(tiles, boxes):
         score = make_score()
         engine = engine or IncrementalOcclusion(score.network)
         device = score.weights.device
-        x_tile, fill_tile = crop(x, tile).to(device), crop(fill, tile).to(device)
-        t_lo, t_hi, touched = _tile_boxes(lo, hi, *_tile_kji(tile), extent)
+        x_tile, fill_tile = crop_padded(x, tile).to(device), crop_padded(fill, tile).to(device)
         with torch.no_grad(), autocast(device, score.precision):
             base = float(score.reduce(score.network(x_tile))[0])
         clean_total += base

@@ -16,7 +16,6 @@ from captum.attr import FeatureAblation, KernelShap, Lime, Occlusion
 from ..baselines import BASELINES
 from ..errors import SettingError
 from ..incremental import Unsupported, occlusion_map, window_boxes
-from ..sliding import crop_padded
 from ..supervoxels import supervoxels
 from .registry import MethodSpec, Setting, VolumeContext, register
 
@@ -53,7 +52,7 @@ def occlusion(ctx: VolumeContext, settings: dict) -> torch.Tensor:
     if settings["engine"] == "incremental":
         try:
             attribution, notes = occlusion_map(ctx.x, fill, ctx.tiles, settings["window"], settings["stride"],
-                                               ctx.batch_size, ctx.tick, crop_padded)
+                                               ctx.batch_size, ctx.tick)
             ctx.notes.extend(notes)
             return attribution
         except Unsupported as exc:
