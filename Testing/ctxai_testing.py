@@ -55,8 +55,8 @@ def _card(name, task, classes, weights, arch, params, patch):
 
 def write_model(folder: Path, name: str, task: str, patch=(32, 32, 32), seed: int = 0) -> Path:
     """Write a state_dict and its card; returns the card path."""
-    from CTXAILib.models import sha256_file
-    from CTXAILib.networks import build_architecture
+    from CTXAILib.engine.models import sha256_file
+    from CTXAILib.engine.networks import build_architecture
 
     if task == "classification":
         arch, params, classes = "ctxai.DefectClassifier3D", {"num_classes": 4, "widths": [8, 12, 16, 16]}, CLASSES

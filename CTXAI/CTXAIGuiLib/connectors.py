@@ -2,8 +2,8 @@
 
 The comboboxes of target class, contrast class, method, layer and run are filled at run time from the worker's
 answers and the scene, and the method settings are a form built from the method registry. The widget passes these
-connectors explicitly (``CTXAI.MANUAL_BINDINGS``); ``canRepresent`` is False so that they are never chosen for a
-widget of the .ui.
+connectors explicitly (``CTXAIGuiLib.widget.MANUAL_BINDINGS``); ``canRepresent`` is False so that they are never
+chosen for a widget of the .ui.
 """
 
 import json

@@ -1,7 +1,9 @@
 """CTXAI engine: explains what a 3-D deep-learning model saw in an industrial CT volume.
 
-Pure Python on torch, Captum, numpy and SimpleITK; it never imports Slicer, Qt or VTK, so the same code runs in the
-Slicer worker process, the ``ctxai`` command line and the tests. Names are exported lazily: the Slicer GUI process
+The package is laid out in wings that import one way only (``README.md`` beside this file says which may import
+which, and where new code goes): ``engine`` (torch, Captum, numpy, SimpleITK; never Slicer, Qt or VTK), ``checks``,
+``records``, ``worker``, ``scene`` (the MRML bridge), ``synthetic`` (the embedded default), ``bench`` and the
+``ctxai`` command line (``cli`` and ``commands``). Names are exported lazily: the Slicer GUI process
 imports the worker client and the scene bridge from this package without loading torch, which only the worker needs.
 
 >>> from CTXAILib import Explainer, Target, read_volume                       # doctest: +SKIP
@@ -18,13 +20,13 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "errors": ["Cancelled", "CTXAIError", "InputError", "LayerError", "MethodError", "ModelError", "RegionError",
                "SettingError", "TargetError"],
-    "explain": ["Explainer", "Explanation"],
-    "geometry": ["Box", "Volume", "read_volume", "write_volume"],
-    "methods": ["get_method", "list_methods"],
-    "modelcard": ["ModelCard"],
-    "models": ["LoadedModel", "load_model"],
-    "progress": ["Progress"],
-    "targets": ["BoxRegion", "ComponentRegion", "MaskRegion", "Target", "VoxelRegion", "WholeVolume",
+    "engine.explain": ["Explainer", "Explanation"],
+    "engine.geometry": ["Box", "Volume", "read_volume", "write_volume"],
+    "engine.methods": ["get_method", "list_methods"],
+    "engine.modelcard": ["ModelCard"],
+    "engine.models": ["LoadedModel", "load_model"],
+    "engine.progress": ["Progress"],
+    "engine.targets": ["BoxRegion", "ComponentRegion", "MaskRegion", "Target", "VoxelRegion", "WholeVolume",
                 "parse_region"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -8,9 +8,9 @@ import json
 import pytest
 
 from CTXAILib import load_model
-from CTXAILib.evaluation import bundled_model, classifier_quality, pointing_game, segmentation_quality
-from CTXAILib.models import sha256_file
-from CTXAILib.training import HELD_OUT_SEED_BASE, TRAIN_SEED_BASE
+from CTXAILib.synthetic.evaluation import bundled_model, classifier_quality, pointing_game, segmentation_quality
+from CTXAILib.engine.models import sha256_file
+from CTXAILib.synthetic.dataset import HELD_OUT_SEED_BASE, TRAIN_SEED_BASE
 
 # Held-out seeds: disjoint from the training seeds recorded in the cards, and not the ones the cards' own figures
 # were measured on, so the test is a fresh sample.

@@ -11,8 +11,8 @@ import pytest
 from scipy import ndimage
 
 from CTXAILib.errors import InputError
-from CTXAILib.geometry import read_volume
-from CTXAILib.phantom import (
+from CTXAILib.engine.geometry import read_volume
+from CTXAILib.synthetic.phantom import (
     CT_AIR,
     CT_METAL,
     DEFECT_TYPES,

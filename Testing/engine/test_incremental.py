@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from CTXAILib import Box, BoxRegion, Explainer, SettingError, Target, load_model
-from CTXAILib.evaluation import bundled_model
-from CTXAILib.incremental import IncrementalOcclusion, Unsupported, window_boxes
-from CTXAILib.models import sha256_file
+from CTXAILib.synthetic.evaluation import bundled_model
+from CTXAILib.engine.incremental import IncrementalOcclusion, Unsupported, window_boxes
+from CTXAILib.engine.models import sha256_file
 from CTXAILib.errors import Cancelled
 from ctxai_testing import calibrate_batchnorm, ct_volume, write_torchscript_card
 

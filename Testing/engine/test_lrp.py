@@ -1,4 +1,4 @@
-"""Tests of the engine's own LRP (CTXAILib.methods.lrp): conservation, the LRP-ε = gradient x input identity, the
+"""Tests of the engine's own LRP (CTXAILib.engine.methods.lrp): conservation, the LRP-ε = gradient x input identity, the
 αβ rule against its formula, the project's and MONAI's 3-D networks, batch independence, a model left unchanged,
 and the errors."""
 
@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from CTXAILib.errors import InputError, MethodError, SettingError
-from CTXAILib.methods.lrp import lrp_attribute
-from CTXAILib.networks import DefectClassifier3D, UNet3D
+from CTXAILib.engine.methods.lrp import lrp_attribute
+from CTXAILib.engine.networks import DefectClassifier3D, UNet3D
 
 TINY = 1e-9
 

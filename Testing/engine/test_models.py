@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from CTXAILib import LayerError, ModelCard, ModelError, TargetError, load_model
-from CTXAILib.networks import DefectClassifier3D, UNet3D
+from CTXAILib.engine.networks import DefectClassifier3D, UNet3D
 
 
 def test_card_round_trip(classifier_card):

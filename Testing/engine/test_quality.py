@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from CTXAILib import BoxRegion, Box, Explainer, Target
-from CTXAILib.evaluation import bundled_model
-from CTXAILib.phantom import generate_phantom
+from CTXAILib.checks.faithfulness import faithfulness_check
+from CTXAILib.synthetic.evaluation import bundled_model
+from CTXAILib.synthetic.phantom import generate_phantom
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,8 @@ def pore_case():
 @pytest.mark.parametrize("method", ["gradcam", "integrated_gradients"])
 def test_real_maps_beat_random_order(pore_case, method):
     ct, target = pore_case
-    result = Explainer(bundled_model("classifier"), device="cpu").explain(ct, method, target, quality=True)
+    explainer = Explainer(bundled_model("classifier"), device="cpu")
+    result = explainer.explain(ct, method, target, evaluate=faithfulness_check)
     quality = result.quality
     assert quality["deletion_auc"] < quality["deletion_auc_random"] - 0.05, quality
     assert quality["insertion_auc"] > quality["insertion_auc_random"] + 0.05, quality
@@ -30,7 +32,7 @@ def test_real_maps_beat_random_order(pore_case, method):
 
 
 def test_random_map_is_no_better_than_chance(pore_case):
-    from CTXAILib.quality import faithfulness
+    from CTXAILib.checks.faithfulness import faithfulness
     import torch
 
     ct, target = pore_case

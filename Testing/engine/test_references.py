@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from CTXAILib import Box, Explainer, Target, load_model
-from CTXAILib.supervoxels import supervoxels
+from CTXAILib.engine.supervoxels import supervoxels
 
 
 def corr(a, b) -> float:
@@ -50,7 +50,7 @@ def test_gradcam_matches_monai(classifier, volume):
 @pytest.fixture(scope="module")
 def phantom_patch():
     """A 32^3 patch around a real pore of a held-out phantom, in grey values (what the trained classifier sees)."""
-    from CTXAILib.phantom import generate_phantom
+    from CTXAILib.synthetic.phantom import generate_phantom
 
     phantom = generate_phantom(900_400, (96, 96, 96))
     pore = max((d for d in phantom.defects if d.type == "pore"), key=lambda d: d.voxel_count)
@@ -63,8 +63,8 @@ def phantom_patch():
 def test_integrated_gradients_completeness(phantom_patch, baseline, steps):
     """On the trained classifier, the map sums to f(x) - f(baseline) within 1 % at 64 steps (128 from the blurred
     baseline, whose path crosses more ReLU boundaries: 1.6 % at 64 steps, 0.3 % at 128)."""
-    from CTXAILib.baselines import make_baseline
-    from CTXAILib.evaluation import bundled_model
+    from CTXAILib.engine.baselines import make_baseline
+    from CTXAILib.synthetic.evaluation import bundled_model
 
     model = load_model(bundled_model("classifier"))
     result = Explainer(model, device="cpu").explain(phantom_patch, "integrated_gradients", Target("pore"),
@@ -133,8 +133,8 @@ def test_tiled_path_matches_whole_volume(tmp_path, method):
     import json
     import shutil
 
-    from CTXAILib.evaluation import bundled_model
-    from CTXAILib.phantom import generate_phantom
+    from CTXAILib.synthetic.evaluation import bundled_model
+    from CTXAILib.synthetic.phantom import generate_phantom
 
     card = json.loads(bundled_model("unet").read_text())
     shutil.copy(bundled_model("unet").with_name(card["weights"]), tmp_path / card["weights"])

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from CTXAILib import Box, Cancelled, Explainer, LoadedModel, Target, load_model
-from CTXAILib.sliding import TileGrid, crop_padded, gaussian_importance
+from CTXAILib.engine.sliding import TileGrid, crop_padded, gaussian_importance
 
 
 class CountingCancel:

@@ -3,10 +3,11 @@ files and fail as soon as the code, the .ui, the CMake lists and the requirement
 
 What they check: the .ui parses and declares its custom widgets; every widget name the code uses exists in it; every
 parameter of the parameterNodeWrapper class is bound exactly once (a SlicerParameterName property on a widget whose
-type a stock connector accepts, or the module's MANUAL_BINDINGS table) and has a default the wrapper can store; the
-GUI code (CTXAI.py and the CTXAIGuiLib helpers beside it) stays importable on Slicer 5.8 (Python 3.9: no PEP 604
-unions, no ``imp``), never imports torch, and is reloaded as a whole; the CMake lists name every shipped file and
-nothing else; requirements.txt covers the engine's imports and never touches Slicer's own packages.
+type a stock connector accepts, or the widget's MANUAL_BINDINGS table) and has a default the wrapper can store; the
+GUI code (the module file CTXAI.py, which only wires things, and the CTXAIGuiLib package beside it: widget, logic,
+parameter node, self-test, helpers) stays importable on Slicer 5.8 (Python 3.9: no PEP 604 unions, no ``imp``), never
+imports torch, exposes the classes Slicer looks up by name, and is reloaded as a whole; the CMake lists name every
+shipped file and nothing else; requirements.txt covers the engine's imports and never touches Slicer's own packages.
 """
 
 from __future__ import annotations
@@ -40,9 +41,14 @@ SLICER_OWNED = {"simpleitk", "vtk", "numpy", "torch"}
 PROVIDED_IMPORTS = {"numpy", "SimpleITK", "vtk", "slicer", "torch", "qt", "ctk"}
 OPTIONAL_IMPORTS = {"monai"}
 IMPORT_TO_DISTRIBUTION = {"skimage": "scikit-image", "sklearn": "scikit-learn"}
-# The only CTXAILib modules the Slicer process may import (none of them imports torch); phantom only in the test.
-GUI_ENGINE_MODULES = {"session", "scene", "client", "errors", "evaluation"}
-TEST_ENGINE_MODULES = {"phantom"}
+# The only CTXAILib modules the Slicer process may import (none of them imports torch), as paths below CTXAILib;
+# the phantom generator only in the self-test.
+GUI_ENGINE_MODULES = {"errors", "scene.bridge", "scene.session", "synthetic.evaluation", "worker.client"}
+TEST_ENGINE_MODULES = {"synthetic.phantom"}
+# The classes looked up by name in the module file's namespace: CTXAI and CTXAIWidget by Slicer's C++
+# (qSlicerScriptedLoadableModule[Widget]::setPythonSource, also on Reload), CTXAITest by
+# ScriptedLoadableModule.runTest and slicer.testing.runUnitTest (ctest), CTXAILogic by other modules and the console.
+SLICER_LOOKUPS = ("CTXAI", "CTXAIWidget", "CTXAILogic", "CTXAITest")
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -92,9 +98,9 @@ def gui_trees() -> dict[Path, ast.Module]:
 
 
 def module_constants() -> dict[str, object]:
-    """Module-level NAME = <literal> assignments of CTXAI.py."""
+    """Module-level NAME = <literal> assignments of the file that defines the parameter node class."""
     constants = {}
-    for node in module_tree().body:
+    for node in parameter_definition()[0].body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             try:
                 constants[node.targets[0].id] = ast.literal_eval(node.value)
@@ -104,20 +110,25 @@ def module_constants() -> dict[str, object]:
 
 
 def enum_members() -> dict[str, set[str]]:
-    """Enum classes of CTXAI.py -> member names."""
+    """Enum classes of the file that defines the parameter node class -> member names."""
     enums = {}
-    for node in module_tree().body:
+    for node in parameter_definition()[0].body:
         if isinstance(node, ast.ClassDef) and any(ast.unparse(b) in ("enum.Enum", "Enum") for b in node.bases):
             enums[node.name] = {t.id for s in node.body if isinstance(s, ast.Assign) for t in s.targets
                                 if isinstance(t, ast.Name)}
     return enums
 
 
-def parameter_class() -> ast.ClassDef:
-    found = [node for node in module_tree().body if isinstance(node, ast.ClassDef)
+def parameter_definition() -> tuple[ast.Module, ast.ClassDef]:
+    """The @parameterNodeWrapper class of the GUI code and the tree of the file that defines it."""
+    found = [(tree, node) for tree in gui_trees().values() for node in tree.body if isinstance(node, ast.ClassDef)
              and any(ast.unparse(d).split("(")[0].endswith("parameterNodeWrapper") for d in node.decorator_list)]
-    assert len(found) == 1, "CTXAI.py must define exactly one @parameterNodeWrapper class"
+    assert len(found) == 1, "the GUI code must define exactly one @parameterNodeWrapper class"
     return found[0]
+
+
+def parameter_class() -> ast.ClassDef:
+    return parameter_definition()[1]
 
 
 def parameters() -> dict[str, ast.AnnAssign]:
@@ -379,8 +390,9 @@ def test_no_pep604_unions_in_annotations(path):
 
 
 def test_parameter_node_annotations_are_evaluated_as_written():
-    assert not any(isinstance(n, ast.ImportFrom) and n.module == "__future__" for n in module_tree().body), \
-        "no __future__ annotations in CTXAI.py: parameterNodeWrapper evaluates the annotations anyway"
+    tree = parameter_definition()[0]
+    assert not any(isinstance(n, ast.ImportFrom) and n.module == "__future__" for n in tree.body), \
+        "no __future__ annotations beside the parameter node class: parameterNodeWrapper evaluates them anyway"
 
 
 @pytest.mark.parametrize("path", gui_files(), ids=lambda p: p.relative_to(MODULE_DIR).as_posix())
@@ -396,9 +408,9 @@ def test_gui_process_never_imports_torch(path):
                 f"module-level import of {names}: import CTXAILib lazily, never torch"
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "CTXAILib":
-            module = node.module.split(".")[1] if "." in node.module else None
-            imported = [module] if module else [a.name for a in node.names]
             allowed = GUI_ENGINE_MODULES | (TEST_ENGINE_MODULES if id(node) in in_test else set())
+            module = node.module.partition(".")[2]  # "from CTXAILib.scene import bridge" imports "scene.bridge"
+            imported = [module] if module in allowed else [f"{module}.{a.name}".lstrip(".") for a in node.names]
             assert set(imported) <= allowed, f"{path.name} imports CTXAILib.{imported}: only {sorted(allowed)}"
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             assert node.module.split(".")[0] != "torch", f"{path.name} imports from torch"
@@ -415,9 +427,24 @@ def test_engine_never_imports_the_gui_helpers():
             assert not any(n.split(".")[0] == GUI_LIB_DIR.name for n in names), f"{path.name} imports {names}"
 
 
+def test_module_file_exposes_the_classes_slicer_looks_up_by_name():
+    """Slicer finds <Module>, <Module>Widget, <Module>Logic and <Module>Test by name in CTXAI.py's namespace: each is
+    defined there or imported from the CTXAIGuiLib file that defines it."""
+    classes = {path: {n.name for n in tree.body if isinstance(n, ast.ClassDef)} for path, tree in gui_trees().items()}
+    exposed = {n.name: MODULE_PY for n in module_tree().body if isinstance(n, ast.ClassDef)}
+    for node in module_tree().body:
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith(GUI_LIB_DIR.name):
+            source = MODULE_DIR.joinpath(*node.module.split(".")).with_suffix(".py")
+            exposed.update({a.asname or a.name: source for a in node.names if a.name in classes.get(source, ())})
+    missing = [name for name in SLICER_LOOKUPS if name not in exposed]
+    assert not missing, f"CTXAI.py does not expose {missing}"
+    assert [n.name for n in module_tree().body if isinstance(n, ast.ClassDef)] == ["CTXAI"], \
+        "CTXAI.py only wires things: the widget, logic, parameter node and self-test live in CTXAIGuiLib"
+
+
 def test_reload_reloads_every_package_beside_the_module():
     """Slicer's Reload re-executes CTXAI.py only: onReload must re-import each package beside it."""
-    widget = next(n for n in module_tree().body if isinstance(n, ast.ClassDef) and n.name == "CTXAIWidget")
+    widget = gui_classes()["CTXAIWidget"]
     on_reload = next(n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == "onReload")
     reloaded = {a.value for call in ast.walk(on_reload) if isinstance(call, ast.Call)
                 and ast.unparse(call.func).split(".")[-1] == "reloadPackages"
@@ -428,7 +455,7 @@ def test_reload_reloads_every_package_beside_the_module():
 
 def test_self_test_runs_only_test_methods():
     """ScriptedLoadableModuleTest runs every callable whose name contains 'test'."""
-    test_class = next(n for n in module_tree().body if isinstance(n, ast.ClassDef) and n.name == "CTXAITest")
+    test_class = gui_classes()["CTXAITest"]
     callables = [n.name for n in test_class.body if isinstance(n, ast.FunctionDef)]
     assert [n for n in callables if "test" in n and not n.startswith("test_")] == []
     assert len([n for n in callables if n.startswith("test_")]) >= 3
@@ -460,8 +487,8 @@ def test_module_cmake_lists_every_resource():
 
 
 def bundled_model_stems() -> set[str]:
-    """The stems ``ctxai train`` writes (training.py: _save(..., "<stem>"))."""
-    source = (MODULE_DIR / "CTXAILib" / "training.py").read_text(encoding="utf-8")
+    """The stems ``ctxai train`` writes (synthetic/training.py: _save(..., "<stem>"))."""
+    source = (MODULE_DIR / "CTXAILib" / "synthetic" / "training.py").read_text(encoding="utf-8")
     stems = set(re.findall(r'_save\([^)]*"(\w+)"\)', source))
     assert stems, "could not find the model names in training.py"
     return stems

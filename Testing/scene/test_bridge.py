@@ -8,7 +8,7 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from CTXAILib import Box, InputError, RegionError, Volume
-from CTXAILib.scene import (add_run, find_runs, ijk_box_from_roi, ijk_from_ras, remove_run, set_opacity,
+from CTXAILib.scene.bridge import (add_run, find_runs, ijk_box_from_roi, ijk_from_ras, remove_run, set_opacity,
                             set_render_3d, set_top_percent, volume_from_node)
 
 from mrml_helpers import add_volume_node
@@ -186,7 +186,7 @@ def test_threshold_and_opacity_update_without_recomputing(slicer_app):
 
 
 def test_recolour_without_recomputing(slicer_app):
-    from CTXAILib.scene import set_colormap
+    from CTXAILib.scene.bridge import set_colormap
 
     scene = slicer_app.scene
     node = add_volume_node(scene, oblique_ct())

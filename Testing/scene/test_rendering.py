@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from CTXAILib.evaluation import bundled_model
-from CTXAILib.phantom import generate_phantom
-from CTXAILib.session import ExplainRequest, ExplainSession
+from CTXAILib.synthetic.evaluation import bundled_model
+from CTXAILib.synthetic.phantom import generate_phantom
+from CTXAILib.scene.session import ExplainRequest, ExplainSession
 
 from mrml_helpers import add_volume_node
 

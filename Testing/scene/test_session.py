@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from CTXAILib import Cancelled
-from CTXAILib.client import WorkerError
-from CTXAILib.scene import find_runs
-from CTXAILib.session import ExplainRequest, ExplainSession
+from CTXAILib.worker.client import WorkerError
+from CTXAILib.scene.bridge import find_runs
+from CTXAILib.scene.session import ExplainRequest, ExplainSession
 
 from mrml_helpers import add_volume_node
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from CTXAILib import Cancelled
-from CTXAILib.client import WorkerClient, WorkerError, volume_from_message, volume_message
+from CTXAILib.worker.client import WorkerClient, WorkerError, volume_from_message, volume_message
 
 
 @pytest.fixture

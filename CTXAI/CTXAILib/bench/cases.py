@@ -1,0 +1,114 @@
+"""The benchmark's cases: the models, phantom sizes, methods and settings it runs, on a CPU and on a GPU, and the
+choice of some of them by name (``--cases``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+from ..errors import InputError
+
+__all__ = ["BENCH_SEED", "CLASSIFIER_METHODS", "UNET_METHODS_CPU", "UNET_METHODS_CUDA", "OCCLUSION",
+           "OCCLUSION_ENGINES", "BATCHES", "UNET_SHAPES", "OCCLUSION_PATCH", "QUICK_BATCHES", "Case", "plan_cases",
+           "select_cases"]
+
+
+BENCH_SEED = 777
+"""Phantom seed: below training's seeds (from 1000 up) and far from the held-out ones (from 900 000 up)."""
+
+CLASSIFIER_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("gradcam", {}), ("gradcam_plus_plus", {}), ("saliency", {}), ("integrated_gradients", {"steps": 32}),
+    ("smoothgrad", {"samples": 16}), ("gradient_shap", {"samples": 16}), ("deeplift", {}), ("lrp", {}),
+    ("lime", {"samples": 500}))
+UNET_METHODS_CPU = ("saliency", "gradcam", "confidence")
+UNET_METHODS_CUDA = tuple(name for name, _ in CLASSIFIER_METHODS) + ("confidence",)
+OCCLUSION = {"window": 8, "stride": 4}
+OCCLUSION_ENGINES = ("exhaustive", "incremental")
+BATCHES = (1, 2, 4, 8, 16, 32)
+"""Batch sizes tried for the limit's fastest time per sample."""
+
+_CLASSIFIER_SHAPE = 128  # the phantom the classifier patches are cut from: the shape the models were trained on
+UNET_SHAPES = (128, 256)
+OCCLUSION_PATCH = 48
+_QUICK_SHAPE = 64
+_QUICK_CLASSIFIER = (("gradcam", {}), ("integrated_gradients", {"steps": 4}))
+_QUICK_OCCLUSION = {"window": 16, "stride": 16}
+_QUICK_UNET = ("saliency",)
+QUICK_BATCHES = (1, 2)
+_CPU_SKIP = ("one 64³ U-Net forward and backward takes about a second on a CPU and a 256³ part has 125 tiles; "
+             "the CPU run keeps the cheap methods, a CUDA run covers them all")
+
+
+@dataclass
+class Case:
+    """One benchmark case: a model on a phantom, a method, and the engine variants to time (one table row each).
+
+    ``variants`` are ``{"row": name, "settings": {...}, "heavy": bool}``; a heavy variant (and heavy references)
+    runs once, after a light warm-up, on a CPU. The fields after ``heavy_references`` are filled in when it runs.
+    """
+
+    name: str
+    model: str                  # "classifier", "classifier48" (its card with a 48³ patch) or "unet"
+    shape: int                  # edge of the phantom, voxels
+    method: str
+    variants: list[dict[str, Any]]
+    heavy_references: bool = False
+    card: str = ""
+    volume: str = ""
+    target: dict[str, Any] = field(default_factory=dict)  # {"class": name, "voxel": [i, j, k] or None}
+    device: str = "cpu"
+    precision: str = "fp32"
+    repeats: int = 3
+    batches: list[int] = field(default_factory=lambda: list(BATCHES))
+
+    @property
+    def rows(self) -> list[str]:
+        return [v["row"] for v in self.variants]
+
+
+def plan_cases(device_type: str, quick: bool = False) -> tuple[list[Case], list[dict[str, str]]]:
+    """The cases for a device type ("cpu" or "cuda") and the U-Net rows left out there, with the reason."""
+    cpu = device_type == "cpu"
+    shape = _QUICK_SHAPE if quick else _CLASSIFIER_SHAPE
+    classifier = _QUICK_CLASSIFIER if quick else CLASSIFIER_METHODS
+    occlusion = _QUICK_OCCLUSION if quick else OCCLUSION
+    cases = [Case(f"classifier-{name}", "classifier", shape, name,
+                  [{"row": f"classifier-{name}", "settings": dict(settings), "heavy": False}])
+             for name, settings in classifier]
+    cases.append(Case("occlusion", "classifier48", shape, "occlusion",
+                      [{"row": f"occlusion-{engine}", "settings": {**occlusion, "engine": engine},
+                        "heavy": cpu and engine == "exhaustive"} for engine in OCCLUSION_ENGINES],
+                      heavy_references=cpu))
+    settings = dict(CLASSIFIER_METHODS)
+    skipped = []
+    for size in ((_QUICK_SHAPE,) if quick else UNET_SHAPES):
+        heavy = cpu and size >= 256
+        wanted = _QUICK_UNET if quick else (UNET_METHODS_CPU if cpu else UNET_METHODS_CUDA)
+        for name in UNET_METHODS_CUDA:
+            row = f"unet{size}-{name}"
+            if name in wanted:
+                cases.append(Case(row, "unet", size, name,
+                                  [{"row": row, "settings": dict(settings.get(name, {})), "heavy": heavy}],
+                                  heavy_references=heavy))
+            elif not quick:
+                skipped.append({"row": row, "reason": _CPU_SKIP})
+    return cases, skipped
+
+
+def select_cases(cases: list[Case], patterns: Sequence[str] | None, skipped: list[dict[str, str]]) -> list[Case]:
+    """The cases whose rows contain one of ``patterns`` (all without patterns), each with those rows only."""
+    if not patterns:
+        return cases
+    rows = [row for case in cases for row in case.rows]
+    unmatched = [p for p in patterns if not any(p in row for row in rows)]
+    if unmatched:
+        left_out = [s["row"] for s in skipped if any(p in s["row"] for p in unmatched)]
+        hint = f" ({', '.join(left_out)} left out on this device: {skipped[0]['reason']})" if left_out else ""
+        raise InputError(f"No benchmark case matches {', '.join(map(repr, unmatched))}{hint}. Available cases: "
+                         f"{', '.join(rows)}. Give --cases as comma-separated parts of these names.")
+    chosen = []
+    for case in cases:
+        variants = [v for v in case.variants if any(p in v["row"] for p in patterns)]
+        if variants:
+            chosen.append(replace(case, variants=variants))
+    return chosen

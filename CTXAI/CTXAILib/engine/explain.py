@@ -1,0 +1,657 @@
+"""The explainer: checks the input, predicts, resolves the target, plans the tiles and runs a method over them.
+
+>>> from CTXAILib import Explainer, Target, Volume, BoxRegion, Box           # doctest: +SKIP
+>>> explainer = Explainer("Resources/Models/classifier.json", device="auto")  # doctest: +SKIP
+>>> result = explainer.explain(volume, "gradcam", Target("pore", region=BoxRegion(Box((10, 10, 10), (58, 58, 58)))))
+...                                                                          # doctest: +SKIP
+>>> result.attribution.same_geometry(volume)                                 # doctest: +SKIP
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import InputError, LayerError, MethodError, ModelError
+from . import methods  # noqa: F401  (registers every method)
+from .baselines import make_baseline
+from .geometry import Box, Volume
+from .methods.registry import MethodSpec, TileContext, VolumeContext, get_method
+from .models import LoadedModel, load_model
+from .progress import CancelToken, ProgressCallback, RunMonitor
+from .runtime import MemoryBudget, activation_bytes, autocast, is_out_of_memory, resolve_device, with_backoff
+from .sliding import TileGrid, batched, crop_padded, predict_tiles
+from .targets import ResolvedTarget, Target
+
+__all__ = ["Explainer", "Explanation", "Probe", "ScoreModel", "volume_sha256"]
+
+_BATCH_LIMIT = 64
+
+
+def volume_sha256(volume: Volume) -> str:
+    """Digest of a volume's voxels and geometry: the run record's input hash."""
+    digest = hashlib.sha256()
+    array = np.ascontiguousarray(volume.array)
+    digest.update(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(memoryview(array).cast("B"))
+    digest.update(np.asarray(volume.ijk_to_ras, dtype=np.float64).tobytes())
+    return digest.hexdigest()
+
+
+def activate(output: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "softmax":
+        return torch.softmax(output, dim=1)
+    if activation == "sigmoid":
+        return torch.sigmoid(output)
+    return output
+
+
+class ScoreModel(nn.Module):
+    """The model followed by a linear target: input tile (N, C, D, H, W) -> score (N,).
+
+    ``weights`` has the shape of one sample's output, (classes,) or (classes, D, H, W); ``activation`` is applied
+    first when the target is a probability. Every call ticks the run monitor, which is where progress is counted
+    and cancellation happens.
+    """
+
+    def __init__(self, network: nn.Module, weights: torch.Tensor, activation: str, monitor: RunMonitor,
+                 precision: str = "fp32"):
+        super().__init__()
+        self.network = network
+        self.register_buffer("weights", weights)
+        self.activation = activation
+        self.monitor = monitor
+        self.precision = precision
+
+    def activated(self, output: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        """Model output with the target's activation, float32; ``activation`` overrides it (LRP explains logits)."""
+        return activate(output.float(), self.activation if activation is None else activation)
+
+    def reduce(self, output: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        """The target score of a model output (see :meth:`activated`)."""
+        output = self.activated(output, activation)
+        if output.shape[1:] != self.weights.shape:
+            raise ModelError(f"The model's output per sample has shape {tuple(output.shape[1:])}, but this target "
+                             f"needs {tuple(self.weights.shape)} (segmentation outputs must match the input size). "
+                             "Check the model card's task, class_names and patch_size.")
+        return (output * self.weights).flatten(1).sum(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.monitor.tick(x.shape[0])
+        with autocast(x.device, self.precision):
+            output = self.network(x)
+        if torch.is_grad_enabled() and x.requires_grad and not output.requires_grad:
+            raise MethodError("The model's output has no gradient with respect to its input (it detaches, "
+                              "thresholds or runs under no_grad), so gradient methods cannot explain it. Use a "
+                              "perturbation method: occlusion, lime, kernel_shap or feature_ablation.")
+        return self.reduce(output)
+
+
+@dataclass
+class Explanation:
+    """The result of one run. ``attribution`` is float32 (k, j, i) in the input's exact geometry (or the
+    computed extent's, with ``output="extent"``); ``confidence`` is the segmentation model's probability of the
+    target class over the whole input (None for classifiers)."""
+
+    attribution: Volume
+    method: str
+    settings: dict[str, Any]
+    signed: bool
+    family: str
+    target: dict[str, Any]
+    layer: str | None
+    prediction: dict[str, Any]
+    extent: Box
+    confidence: Volume | None
+    timings: dict[str, float]
+    device: str
+    precision: str
+    input_sha256: str
+    warnings: list[str] = field(default_factory=list)
+    quality: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Probe:
+    """How a run queried the model, handed to an ``evaluate`` hook of :meth:`Explainer.explain` so that a check
+    (e.g. faithfulness, in the checks wing) can query it the same way without the engine knowing the check.
+
+    ``x`` is the normalised input over the run's extent, (1, C, *extent); ``forward`` maps a batch of such extents
+    (N, C, *extent) to the target's score (N,) through the same sliding window; ``baseline(kind, sigma_mm)`` is one
+    of the registered baselines over the extent; ``batch_size`` extents fit one ``forward`` call."""
+
+    x: torch.Tensor
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    baseline: Callable[..., torch.Tensor]
+    batch_size: int
+    settings: dict[str, Any]
+    seed: int
+
+
+Evaluate = Callable[[Probe, np.ndarray], dict]
+
+
+@dataclass
+class _Prepared:
+    volume: Volume
+    x: torch.Tensor            # (1, C, K, J, I) normalised, CPU
+    sha256: str
+    air: float                 # normalised air value
+    probabilities: np.ndarray | None = None  # segmentation: blended (classes, K, J, I)
+    class_probabilities: dict[Box, np.ndarray] = field(default_factory=dict)  # classification, per extent
+
+
+@dataclass
+class _Plan:
+    grid: TileGrid
+    tiles: list[Box]
+    extent: Box
+    channels: torch.Tensor                    # the target's weight per output class
+    target: ResolvedTarget | None = None      # segmentation: the region whose blended outputs are summed
+
+    def weights(self, index: int) -> torch.Tensor:
+        """The target's weights over one output sample of tile ``index``: built when needed, because all tiles'
+        (classes, D, H, W) weights of a large part would take more memory than the part itself."""
+        if self.target is None:  # classification: the class evidence averaged over the tiles
+            return self.channels / len(self.tiles)
+        tile = self.tiles[index]
+        voxels = self.target.region_weights(tile) * self.grid.importance(tile) / self.grid.normaliser(tile)
+        return self.channels[:, None, None, None] * torch.from_numpy(voxels)[None]
+
+
+class Explainer:
+    """Explains a model's predictions on volumes; keeps the model on its device and the last volume prepared.
+
+    ``memory_mb`` bounds activation memory (default: a share of free GPU memory or RAM); batch sizes follow it
+    and halve on out-of-memory. ``overlap`` and ``halo`` shape the sliding window (see :mod:`.sliding`). The tiles
+    with the least say in a segmentation target's blended weight are skipped as long as together they carry at most
+    ``min_tile_share`` of it, which changes the explained target by at most that share; 0 keeps every tile and
+    makes the tiled answer exact. ``channels_last`` (default: on GPU) stores convolution weights as NDHWC.
+    """
+
+    def __init__(self, model: LoadedModel | str | Path, device: str | torch.device = "auto", precision: str = "fp32",
+                 memory_mb: float | None = None, overlap: float = 0.25, halo: int | None = None,
+                 min_tile_share: float = 0.01, channels_last: bool | None = None):
+        self.device = resolve_device(device)
+        self.model = model if isinstance(model, LoadedModel) else load_model(model)
+        self.model.to(self.device)
+        # GPUs run 3-D convolutions fastest with channels last (NDHWC, what tensor cores read); convolution weights in
+        # that layout make every activation follow it. A CPU's own kernels prefer the default layout.
+        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        if self.channels_last and not self.model.is_torchscript:
+            self.model.module.to(memory_format=torch.channels_last_3d)
+        self.precision = precision
+        with autocast(self.device, precision):  # validates the precision name now rather than mid-run
+            pass
+        self.budget = MemoryBudget.default(self.device, memory_mb)
+        if not 0.0 <= overlap < 1.0:
+            raise InputError(f"Sliding-window overlap must be in [0, 1), got {overlap}.")
+        self.overlap = overlap
+        if not 0.0 <= min_tile_share < 1.0:
+            raise InputError(f"min_tile_share must be in [0, 1), got {min_tile_share}.")
+        self.min_tile_share = min_tile_share
+        patch = self.model.card.patch_shape
+        self.halo = halo if halo is not None else (min(patch) // 8 if patch else 0)
+        self._prepared: _Prepared | None = None
+        self._per_sample: dict[tuple, int] = {}
+        self._fastest: dict[tuple, tuple[int, int]] = {}  # (patch, backward) -> (fastest batch, largest tried)
+
+    # ----------------------------------------------------------------------------------------------- input
+    def prepare(self, volume: Volume) -> _Prepared:
+        """Check a volume against the model and normalise it; the last one is kept for the next run."""
+        if not isinstance(volume, Volume):
+            raise InputError(f"Expected a CTXAILib.Volume, got {type(volume).__name__}. Wrap arrays with "
+                             "Volume(array, spacing, origin, directions) or read a file with read_volume().")
+        card = self.model.card
+        if volume.channels != card.input_channels:
+            raise InputError(f"Model {card.name!r} expects {card.input_channels} input channel(s) but the volume has "
+                             f"{volume.channels} (array shape {volume.array.shape}). Give a "
+                             f"{'scalar' if card.input_channels == 1 else f'{card.input_channels}-component'} volume.")
+        if not np.issubdtype(volume.array.dtype, np.number) or np.issubdtype(volume.array.dtype, np.complexfloating):
+            raise InputError(f"Volume voxels must be real numbers, got dtype {volume.array.dtype}.")
+        finite = not np.issubdtype(volume.array.dtype, np.floating) or all(
+            np.isfinite(volume.array[..., k:k + 16, :, :]).all() for k in range(0, volume.shape[0], 16))
+        if not finite:  # checked slab by slab above: a mask of the whole part is only made to report the first one
+            bad = ~np.isfinite(volume.array)
+            first = np.argwhere(bad)[0][-3:][::-1]
+            raise InputError(f"The volume has {int(bad.sum())} NaN or infinite voxel(s), the first at voxel "
+                             f"{tuple(int(v) for v in first)} (i,j,k). Replace them (e.g. threshold or fill the "
+                             "volume in Slicer) before explaining: they would poison every attribution.")
+        sha = volume_sha256(volume)
+        if self._prepared is not None and self._prepared.sha256 == sha:
+            return self._prepared
+        array = volume.array if volume.array.ndim == 4 else volume.array[None]
+        x = torch.from_numpy(card.normalization.apply(array))[None]
+        air = float(card.normalization.apply(card.raw_air(float(np.min(volume.array)))))
+        self._prepared = _Prepared(volume, x, sha, air)
+        return self._prepared
+
+    def _spacing_warnings(self, volume: Volume) -> list[str]:
+        expected = self.model.card.spacing_mm
+        if expected is None:
+            return []
+        ratio = np.asarray(volume.spacing) / np.asarray(expected)
+        if np.all(np.abs(ratio - 1.0) <= 0.1):
+            return []
+        return [f"Voxel spacing {tuple(round(s, 4) for s in volume.spacing)} mm differs from the "
+                f"{tuple(expected)} mm model {self.model.card.name!r} was trained at; CTXAI does not resample, so "
+                "defects look {:.2g}x their trained size. Resample the volume in Slicer for faithful results."
+                .format(float(np.mean(1.0 / ratio)))]
+
+    # ---------------------------------------------------------------------------------------- prediction
+    def _run_model(self, inputs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), autocast(self.device, self.precision):
+            return activate(self.model(inputs.to(self.device)).float(), self.model.card.output_activation)
+
+    def _forward_batch(self, shape: tuple[int, ...], needed: int = _BATCH_LIMIT) -> int:
+        """Tiles per forward-only batch: activations are freed layer by layer without autograd."""
+        return self._fastest_batch(shape, self.budget.batch_size(self._sample_bytes(shape) // 2, _BATCH_LIMIT),
+                                   False, needed)
+
+    def _fastest_batch(self, shape: tuple[int, ...], limit: int, backward: bool, needed: float) -> int:
+        """The batch size, within the memory budget's ``limit``, with the lowest time per sample.
+
+        The largest batch that fits is not the fastest: on a CPU a batch whose activations overflow the caches runs
+        slower per sample than a small one, and a GPU needs a large batch to be busy. Sizes double until the time
+        per sample stops falling; measured once per patch shape and kind of pass, then kept with the model.
+        """
+        limit = int(max(1, min(limit, np.ceil(needed))))
+        if limit == 1:
+            return 1
+        key = (tuple(shape), backward)
+        best, tried = self._fastest.get(key, (1, 1))
+        if tried < limit and best == tried:
+            best, tried = self._measure_batches(tuple(shape), backward, limit, needed), limit
+            self._fastest[key] = (best, tried)
+        return max(1, min(best, limit))
+
+    def _measure_batches(self, shape: tuple[int, ...], backward: bool, limit: int, needed: float) -> int:
+        def seconds(batch: int) -> float:
+            x = torch.randn((batch, self.model.card.input_channels) + shape, device=self.device,
+                            requires_grad=backward)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            started = time.perf_counter()
+            with torch.set_grad_enabled(backward), autocast(self.device, self.precision):
+                out = self.model(x)
+                if backward and out.requires_grad:  # a model without gradients is refused by the method itself
+                    torch.autograd.grad(out.float().sum(), x)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            return time.perf_counter() - started
+
+        def per_sample(batch: int) -> float:
+            first = seconds(batch)  # a new size selects its kernels and allocates on its first call
+            # The best of a few calls: a shared machine only ever slows a measurement down.
+            return min(seconds(batch) for _ in range(3 if first < 0.1 else 2 if first < 1.0 else 1)) / batch
+
+        started = time.perf_counter()
+        best, best_time, batch = 1, per_sample(1), 2
+        # The search may take a tenth of the run it tunes, or two seconds: it is done once per session.
+        allowed = max(2.0, 0.1 * needed * best_time)
+        while batch <= limit and time.perf_counter() - started < allowed:
+            try:
+                time_per_sample = per_sample(batch)
+            except Exception as exc:  # noqa: BLE001 - out of memory ends the search, anything else is raised
+                if not is_out_of_memory(exc):
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                break
+            if time_per_sample < 0.95 * best_time:  # a larger batch must be faster: it also costs memory
+                best, best_time = batch, time_per_sample
+            elif time_per_sample > 1.5 * best_time:
+                break
+            batch *= 2
+        return best
+
+    def _sample_bytes(self, shape: tuple[int, ...]) -> int:
+        key = tuple(shape)
+        if key not in self._per_sample:
+            example = torch.zeros((1, self.model.card.input_channels) + key, device=self.device)
+            self._per_sample[key] = activation_bytes(self.model.module, example) + example.numel() * 8
+        return self._per_sample[key]
+
+    def segmentation_probabilities(self, prepared: _Prepared, progress: ProgressCallback | None = None,
+                                   cancel: CancelToken | None = None) -> np.ndarray:
+        """Blended sliding-window class probabilities (classes, K, J, I) of the whole volume, cached.
+
+        Kept as float16: a probability needs no more than its 5e-4 resolution, and these maps are the largest
+        thing a run over a whole part holds besides the volume itself."""
+        if prepared.probabilities is None:
+            grid = self._grid(prepared.volume.shape)
+            monitor = RunMonitor(len(grid.tiles), progress, cancel, message="predicting (sliding window)")
+            start = monitor.done
+            prepared.probabilities = with_backoff(
+                lambda b: predict_tiles(self._run_model, prepared.x, grid, Box.whole(prepared.volume.shape), b,
+                                        monitor.tick),
+                self._forward_batch(grid.patch, len(grid.tiles)),
+                on_retry=lambda _b: monitor.rewind(start)).astype(np.float16)
+        return prepared.probabilities
+
+    def class_probabilities(self, prepared: _Prepared, extent: Box, monitor: RunMonitor | None = None) -> np.ndarray:
+        """A classifier's class probabilities for the patch at ``extent`` (averaged over its tiles if larger);
+        kept with the prepared volume, so that trying several methods on one defect predicts it once."""
+        if extent in prepared.class_probabilities:
+            return prepared.class_probabilities[extent]
+        tiles = self._grid(prepared.volume.shape, extent).tiles
+        total = 0.0
+        for batch in batched(tiles, self._forward_batch(tiles[0].shape, len(tiles))):
+            if monitor is not None:
+                monitor.check_cancel()
+            inputs = torch.cat([crop_padded(prepared.x, tile) for tile in batch])
+            total = total + self._run_model(inputs).cpu().numpy().sum(axis=0)
+        prepared.class_probabilities[extent] = total / len(tiles)
+        return prepared.class_probabilities[extent]
+
+    # -------------------------------------------------------------------------------------------- plan
+    def _grid(self, shape: tuple[int, int, int], extent: Box | None = None) -> TileGrid:
+        return TileGrid(shape, self.model.card.patch_shape, self.overlap, extent, self.halo)
+
+    def _plan(self, shape: tuple[int, int, int], target: ResolvedTarget) -> _Plan:
+        card = self.model.card
+        classes = len(card.class_names)
+        channels = target.channel_weights(classes)
+        if card.task == "classification":
+            extent = self.patch_extent(target.box, shape)
+            grid = self._grid(shape, extent)
+            return _Plan(grid, grid.tiles, extent, channels)
+        grid = self._grid(shape)
+        shares = {}
+        for tile in grid.select(target.box):
+            region = target.region_weights(tile)
+            if region is not None:
+                shares[tile] = float((region * grid.importance(tile) / grid.normaliser(tile)).sum())
+        # A region in an overlap zone touches many tiles, but the Gaussian blend gives most of them almost no say:
+        # the tiles with the least say are left out while together they carry at most min_tile_share of the target.
+        total, dropped, left_out = sum(shares.values()), 0.0, set()
+        for tile, share in sorted(shares.items(), key=lambda item: item[1]):
+            if dropped + share > self.min_tile_share * total:
+                break
+            dropped += share
+            left_out.add(tile)
+        kept = [t for t in shares if t not in left_out]
+        return _Plan(grid, kept, grid.covering(kept), channels, target)
+
+    def patch_extent(self, region: Box, shape: tuple[int, int, int]) -> Box:
+        """A classifier's extent: the region grown to at least one patch, centred, moved inside the volume."""
+        patch = self.model.card.patch_size
+        if patch is None:
+            return region
+        lo, hi = [], []
+        for axis, n in enumerate(reversed(shape)):
+            a, b = region.lo[axis], region.hi[axis]
+            if b - a < patch[axis]:
+                a = (a + b - patch[axis]) // 2
+                b = a + patch[axis]
+            if n >= b - a:  # shift inside; a volume smaller than the patch keeps it padded around itself
+                shift = max(0, -a) - max(0, b - n)
+                a, b = a + shift, b + shift
+            lo.append(a)
+            hi.append(b)
+        return Box(lo, hi).clip(shape) if all(n >= p for n, p in zip(reversed(shape), patch)) else Box(lo, hi)
+
+    # ------------------------------------------------------------------------------------------ explain
+    def explain(self, volume: Volume, method: str, target: Target | str | int | None = None,
+                layer: str | None = None, settings: dict[str, Any] | None = None,
+                progress: ProgressCallback | None = None, cancel: CancelToken | None = None, seed: int = 0,
+                output: str = "full", evaluate: Evaluate | None = None) -> Explanation:
+        """Explain ``target`` on ``volume`` with ``method``; blocking. See the module docstring.
+
+        ``output="full"`` returns the map in the input's geometry (zero outside the computed extent);
+        ``output="extent"`` returns only the extent, with its exact sub-box geometry. ``evaluate(probe, map)``, when
+        given, measures the map over the extent (e.g. :func:`CTXAILib.checks.faithfulness.faithfulness_check`) and
+        its dictionary becomes the explanation's ``quality``.
+        """
+        started = time.perf_counter()
+        spec = get_method(method)
+        values = spec.validate(settings)
+        target = target if isinstance(target, Target) else Target(target)
+        if output not in ("full", "extent"):
+            raise InputError(f"output must be 'full' or 'extent', got {output!r}.")
+        card = self.model.card
+        if spec.segmentation_only and card.task != "segmentation":
+            raise MethodError(f"{spec.label} is the segmentation model's own probability map; model {card.name!r} "
+                              "is a classifier, whose class probabilities are in the prediction.")
+        if spec.needs_hooks and self.model.is_torchscript:
+            raise MethodError(f"{spec.label} hooks the model's layers, but model {card.name!r} is TorchScript, "
+                              "whose layers run compiled. Use a gradient or perturbation method, or load a "
+                              "state_dict with an architecture named in the model card.")
+        monitor = RunMonitor(callback=progress, cancel=cancel, message=spec.label)
+        monitor.report("preparing input", 0.0)
+        prepared = self.prepare(volume)
+        warnings = list(self.model.warnings) + self._spacing_warnings(volume)
+        shape = volume.shape
+        timings = {"prepare_s": time.perf_counter() - started}
+
+        probabilities = class_probs = None
+        if card.task == "segmentation":
+            probabilities = self.segmentation_probabilities(prepared, progress, cancel)
+            resolved = target.resolve(card, shape, class_masks=self._class_masks(probabilities))
+        else:
+            def classify(box: Box) -> int:
+                return int(np.argmax(self.class_probabilities(prepared, self.patch_extent(box, shape), monitor)))
+
+            resolved = target.resolve(card, shape, classify=classify)
+            class_probs = self.class_probabilities(prepared, self.patch_extent(resolved.box, shape), monitor)
+        timings["predict_s"] = time.perf_counter() - started - timings["prepare_s"]
+
+        plan = self._plan(shape, resolved)
+        layer_module, layer_name = self._layer(spec, layer, plan.grid.patch)
+        tiles_run = 1 if spec.aggregation == "volume" else len(plan.tiles)
+        monitor.total = max(spec.samples(values, plan.extent.shape) * tiles_run, 1.0)
+        monitor.report(f"{spec.label}: {len(plan.tiles)} tile(s)", 0.0)
+
+        t0 = time.perf_counter()
+        baselines = _Baselines(prepared, plan.extent, volume.spacing)
+        # LRP redistributes the logit; the other methods explain the target's score as asked.
+        score = "logit" if spec.family == "relevance" else resolved.score
+        activation = card.output_activation if score == "probability" else "none"
+        if spec.aggregation == "volume":
+            notes: list[str] = []
+            result = self._run_volume(spec, values, prepared, plan, resolved, activation, baselines, monitor, seed,
+                                      probabilities, notes)
+            warnings += notes
+        else:
+            result = self._run_tiles(spec, values, prepared, plan, layer_module, activation, baselines, monitor, seed)
+        timings["explain_s"] = time.perf_counter() - t0
+        if spec.absolute:
+            result = np.abs(result)
+        # One map per voxel: the input channels' attributions add up (one channel: no copy of a large map).
+        result = result[0] if result.shape[0] == 1 else result.sum(axis=0)
+        if not np.all(np.isfinite(result)):
+            raise MethodError(f"{spec.label} produced non-finite values on this input (numerical overflow); try "
+                              "fp32 precision or other settings.")
+        scores = {}
+        if evaluate is not None and spec.family != "prediction":
+            monitor.report("measuring the map's quality")
+            probe = Probe(baselines.x, self._tiled_forward(plan, activation, monitor), baselines.extent,
+                          self._volume_batch(plan), values, seed)
+            scores = evaluate(probe, result)
+            timings["quality_s"] = time.perf_counter() - t0 - timings["explain_s"]
+
+        extent = plan.extent.clip(shape)
+        if extent != plan.extent:  # a volume smaller than the patch: its padding is not part of the map
+            result = result[extent.offset([-v for v in plan.extent.lo]).slices]
+        result = result.astype(np.float32, copy=False)
+        if extent == Box.whole(shape):  # a whole part: the map is the output, no copies of volume size
+            attribution = volume.with_array(result)
+        else:
+            extent_volume = volume.crop(extent).with_array(result)
+            attribution = volume.embed(extent_volume, extent) if output == "full" else extent_volume
+        confidence = None
+        if probabilities is not None:
+            confidence = volume.with_array(np.ascontiguousarray(probabilities[resolved.class_index], np.float32))
+            prediction = self._segmentation_summary(probabilities, resolved)
+        else:
+            prediction = {"task": "classification", "predicted_class": card.class_names[int(np.argmax(class_probs))],
+                          "probabilities": {n: float(p) for n, p in zip(card.class_names, class_probs)},
+                          "target_probability": float(class_probs[resolved.class_index])}
+        timings["total_s"] = time.perf_counter() - started
+        monitor.report("done", 1.0)
+        return Explanation(
+            attribution=attribution, method=spec.name, settings=values, signed=spec.signed, family=spec.family,
+            target={"class": card.class_names[resolved.class_index],
+                    "contrast": None if resolved.contrast_index is None else card.class_names[resolved.contrast_index],
+                    "score": score, "region": target.region.describe(),
+                    "box": [list(resolved.box.lo), list(resolved.box.hi)]},
+            layer=layer_name, prediction=prediction, extent=extent, confidence=confidence, timings=timings,
+            device=str(self.device), precision=self.precision, input_sha256=prepared.sha256, warnings=warnings,
+            quality=scores)
+
+    def _class_masks(self, probabilities: np.ndarray) -> Callable[[int], np.ndarray]:
+        def mask(index: int) -> np.ndarray:
+            if self.model.card.output_activation != "softmax":
+                return probabilities[index] > 0.5
+            # Slab by slab: argmax's int64 labels of a whole part would take twice the probabilities' memory.
+            mask = np.empty(probabilities.shape[1:], bool)
+            for k in range(0, mask.shape[0], 16):
+                mask[k:k + 16] = probabilities[:, k:k + 16].argmax(axis=0) == index
+            return mask
+        return mask
+
+    def _segmentation_summary(self, probabilities: np.ndarray, target: ResolvedTarget) -> dict[str, Any]:
+        card = self.model.card
+        p = probabilities[target.class_index][target.box.slices]
+        inside = p if target.mask is None else p[target.mask]
+        predicted = self._class_masks(probabilities)(target.class_index)
+        return {"task": "segmentation", "class": card.class_names[target.class_index],
+                "region_voxels": int(inside.size),
+                "predicted_voxels_in_region": int((predicted[target.box.slices] if target.mask is None
+                                                   else predicted[target.box.slices][target.mask]).sum()),
+                "mean_probability_in_region": float(inside.mean()), "max_probability_in_region": float(inside.max()),
+                "predicted_voxels_in_volume": int(predicted.sum())}
+
+    def _layer(self, spec: MethodSpec, name: str | None, patch: tuple[int, int, int]) -> tuple[nn.Module | None, str | None]:
+        if not spec.needs_layer:
+            return None, None
+        name = name or self.model.default_layer()
+        module = self.model.get_layer(name)
+        info = {i.name: i for i in self.model.layers(patch)}.get(name)
+        if info is None or not info.spatial:
+            shape = None if info is None else info.output_shape
+            raise LayerError(f"Layer {name!r} outputs {shape}, not a 3-D feature map (N, C, D, H, W), so "
+                             f"{spec.label} cannot use it. Pick a convolution layer (`ctxai layers` lists them).")
+        return module, name
+
+    def _run_tiles(self, spec: MethodSpec, values: dict, prepared: _Prepared, plan: _Plan, layer: nn.Module | None,
+                   activation: str, baselines: _Baselines, monitor: RunMonitor, seed: int) -> np.ndarray:
+        total = np.zeros((prepared.x.shape[1],) + plan.extent.shape, np.float32)
+        weight_sum = np.zeros(plan.extent.shape, np.float32) if spec.aggregation == "blend" else None
+        per_sample = self._sample_bytes(plan.grid.patch) * 3  # activations + their gradients + the input's
+        batch = self._fastest_batch(plan.grid.patch, self.budget.batch_size(per_sample, _BATCH_LIMIT), True,
+                                    spec.samples(values, plan.grid.patch))
+
+        def run_tile(index: int, kernel: Callable, statistics: torch.Tensor | None) -> torch.Tensor:
+            tile, weights = plan.tiles[index], plan.weights(index)
+            x = crop_padded(prepared.x, tile).to(self.device)
+            score = ScoreModel(self.model.module, weights.to(self.device), activation, monitor, self.precision)
+            start = monitor.done
+
+            def run(batch_size: int) -> torch.Tensor:
+                ctx = TileContext(x=x, score=score, model=self.model, layer=layer,
+                                  baseline=lambda kind, sigma=2.0: baselines.crop(kind, sigma, tile).to(self.device),
+                                  batch_size=batch_size, seed=seed + index, statistics=statistics)
+                return kernel(ctx, values)
+
+            return with_backoff(run, batch, on_retry=lambda _b: monitor.rewind(start))
+
+        statistics = None
+        if spec.statistics is not None and len(plan.tiles) > 1:
+            monitor.total += len(plan.tiles)  # one more pass: the whole target's statistics first
+            statistics = sum(run_tile(index, spec.statistics, None).detach() for index in range(len(plan.tiles)))
+        for index, tile in enumerate(plan.tiles):
+            values_np = run_tile(index, spec.kernel, statistics).detach().float().cpu().numpy()
+            if spec.aggregation == "sum":
+                TileGrid.accumulate(total[:values_np.shape[0]], plan.extent, tile, values_np)
+            else:
+                blend = plan.grid.blend_weights(tile)
+                TileGrid.accumulate(total[:values_np.shape[0]], plan.extent, tile, values_np * blend)
+                TileGrid.accumulate(weight_sum, plan.extent, tile, blend)
+        if spec.aggregation == "blend":
+            total = total / np.maximum(weight_sum, 1e-12)
+        return total
+
+    def _tiled_forward(self, plan: _Plan, activation: str, monitor: RunMonitor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The target score of the sliding-window model over ``plan.extent``: (N, C, *extent) -> (N,)."""
+        tiles = [tile.offset([-v for v in plan.extent.lo]) for tile in plan.tiles]
+        # One tile's weights at a time: kept for the next call only when every tile's fit in a small share of memory.
+        keep = len(tiles) * self._weight_bytes(plan) <= self.budget.bytes // 16
+        cache: dict[int, torch.Tensor] = {}
+
+        def weights(index: int) -> torch.Tensor:
+            if index in cache:
+                return cache[index]
+            w = plan.weights(index).to(self.device)
+            if keep:
+                cache[index] = w
+            return w
+
+        def forward(batch: torch.Tensor) -> torch.Tensor:
+            monitor.tick(batch.shape[0])
+            scores = torch.zeros(batch.shape[0])
+            for index, tile in enumerate(tiles):
+                with torch.no_grad(), autocast(self.device, self.precision):
+                    out = self.model(crop_padded(batch, tile).to(self.device))
+                scores += (activate(out.float(), activation) * weights(index)).flatten(1).sum(1).cpu()
+            return scores
+
+        return forward
+
+    def _weight_bytes(self, plan: _Plan) -> int:
+        return len(self.model.card.class_names) * int(np.prod(plan.grid.patch)) * 4 if plan.target is not None else 0
+
+    def _volume_batch(self, plan: _Plan, needed: float = _BATCH_LIMIT) -> int:
+        """Perturbed copies of the extent per call: their tiles' activations plus the copies themselves."""
+        extent_bytes = int(np.prod(plan.extent.shape)) * self.model.card.input_channels * 4
+        limit = self.budget.batch_size(self._sample_bytes(plan.grid.patch) // 2 + extent_bytes, _BATCH_LIMIT)
+        return self._fastest_batch(plan.grid.patch, limit, False, needed)
+
+    def _run_volume(self, spec: MethodSpec, values: dict, prepared: _Prepared, plan: _Plan, target: ResolvedTarget,
+                    activation: str, baselines: _Baselines, monitor: RunMonitor, seed: int,
+                    probabilities: np.ndarray | None, notes: list[str]) -> np.ndarray:
+        forward = self._tiled_forward(plan, activation, monitor)
+        crop = None if probabilities is None else (lambda: probabilities[(slice(None),) + plan.extent.slices])
+        tiles = [(tile.offset([-v for v in plan.extent.lo]),
+                  lambda index=index: ScoreModel(self.model.module, plan.weights(index).to(self.device), activation,
+                                                 monitor, self.precision))
+                 for index, tile in enumerate(plan.tiles)]
+        start = monitor.done
+
+        def run(batch_size: int) -> torch.Tensor:
+            del notes[:]
+            ctx = VolumeContext(x=baselines.x, forward=forward, baseline=baselines.extent, batch_size=batch_size,
+                                seed=seed, spacing=prepared.volume.spacing, target=target, probabilities=crop,
+                                tiles=tiles, tick=monitor.tick, notes=notes)
+            return spec.kernel(ctx, values)
+
+        batch = self._volume_batch(plan, spec.samples(values, plan.extent.shape))
+        return with_backoff(run, batch, on_retry=lambda _b: monitor.rewind(start)).detach().float().cpu().numpy()
+
+
+class _Baselines:
+    """Baselines computed once over the extent (so blur and part mean see the whole part) and cropped per tile."""
+
+    def __init__(self, prepared: _Prepared, extent: Box, spacing: tuple[float, float, float]):
+        self.x = crop_padded(prepared.x, extent)
+        self.extent_box = extent
+        self.air = prepared.air
+        self.spacing = spacing
+        self._cache: dict[tuple[str, float], torch.Tensor] = {}
+
+    def extent(self, kind: str, sigma_mm: float = 2.0) -> torch.Tensor:
+        key = (kind, float(sigma_mm))
+        if key not in self._cache:
+            self._cache[key] = make_baseline(kind, self.x, self.air, self.spacing, sigma_mm)
+        return self._cache[key]
+
+    def crop(self, kind: str, sigma_mm: float, tile: Box) -> torch.Tensor:
+        return crop_padded(self.extent(kind, sigma_mm), tile.offset([-v for v in self.extent_box.lo]))

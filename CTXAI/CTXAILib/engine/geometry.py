@@ -1,0 +1,261 @@
+"""Volumes with their geometry, IJK boxes, and NRRD input/output.
+
+Arrays are kept in index order ``(k, j, i)`` (slowest to fastest, as numpy, SimpleITK and Slicer's
+``arrayFromVolume`` give them). The geometry is stored the way Slicer's ``vtkMRMLVolumeNode`` stores it: spacing
+along i, j, k in mm, the RAS position of voxel (0, 0, 0) and the RAS unit direction of each index axis. The 4x4
+IJK-to-RAS matrix is computed from those three exactly as Slicer computes it, so a volume that goes from a Slicer
+node to the engine and back keeps its matrix to the last bit. LPS (files, ITK) and RAS differ by the sign of the
+first two rows, and a sign change is exact in floating point.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import InputError, RegionError
+
+__all__ = ["Box", "Volume", "read_volume", "write_volume", "atomic_output"]
+
+_LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class Box:
+    """An axis-aligned box of voxels: ``lo`` inclusive, ``hi`` exclusive, both in (i, j, k) order.
+
+    >>> box = Box((2, 0, 1), (6, 4, 3))
+    >>> box.size
+    (4, 4, 2)
+    >>> box.slices  # numpy slices in (k, j, i) order
+    (slice(1, 3, None), slice(0, 4, None), slice(2, 6, None))
+    """
+
+    lo: tuple[int, int, int]
+    hi: tuple[int, int, int]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lo", tuple(int(v) for v in self.lo))
+        object.__setattr__(self, "hi", tuple(int(v) for v in self.hi))
+        if len(self.lo) != 3 or len(self.hi) != 3:
+            raise RegionError(f"An IJK box needs three lower and three upper indices, got lo={self.lo} hi={self.hi}.")
+
+    @classmethod
+    def from_corners(cls, values: Sequence[int]) -> Box:
+        """Build from ``i0, j0, k0, i1, j1, k1`` (upper corner exclusive), as the CLI's ``--roi`` takes it."""
+        if len(values) != 6:
+            raise RegionError(
+                f"An ROI box needs six integers i0,j0,k0,i1,j1,k1, got {len(values)} values: {list(values)}."
+            )
+        return cls(tuple(values[:3]), tuple(values[3:]))
+
+    @classmethod
+    def whole(cls, shape_kji: Sequence[int]) -> Box:
+        """The box covering a whole array of shape (k, j, i)."""
+        return cls((0, 0, 0), tuple(int(s) for s in reversed(shape_kji[-3:])))
+
+    @property
+    def size(self) -> tuple[int, int, int]:
+        return tuple(h - l for l, h in zip(self.lo, self.hi))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The box's size in array order (k, j, i)."""
+        return tuple(reversed(self.size))
+
+    @property
+    def slices(self) -> tuple[slice, slice, slice]:
+        """Numpy slices selecting the box from a (k, j, i) array."""
+        return tuple(slice(l, h) for l, h in zip(reversed(self.lo), reversed(self.hi)))
+
+    @property
+    def empty(self) -> bool:
+        return any(h <= l for l, h in zip(self.lo, self.hi))
+
+    def grow(self, margin: Sequence[int] | int) -> Box:
+        m = (margin,) * 3 if isinstance(margin, (int, np.integer)) else tuple(margin)
+        return Box(tuple(l - d for l, d in zip(self.lo, m)), tuple(h + d for h, d in zip(self.hi, m)))
+
+    def clip(self, shape_kji: Sequence[int]) -> Box:
+        limit = tuple(reversed(shape_kji[-3:]))
+        return Box(
+            tuple(min(max(l, 0), n) for l, n in zip(self.lo, limit)),
+            tuple(min(max(h, 0), n) for h, n in zip(self.hi, limit)),
+        )
+
+    def offset(self, delta: Sequence[int]) -> Box:
+        """The box moved by ``delta`` (i, j, k); ``box.offset(-outer.lo)`` gives it relative to ``outer``."""
+        return Box(tuple(l + d for l, d in zip(self.lo, delta)), tuple(h + d for h, d in zip(self.hi, delta)))
+
+    def intersect(self, other: Box) -> Box:
+        return Box(tuple(map(max, self.lo, other.lo)), tuple(map(min, self.hi, other.hi)))
+
+    def contains(self, other: Box) -> bool:
+        return all(a <= b for a, b in zip(self.lo, other.lo)) and all(a >= b for a, b in zip(self.hi, other.hi))
+
+    def check_inside(self, shape_kji: Sequence[int], what: str = "ROI") -> None:
+        """Raise :class:`RegionError` unless the box is non-empty and overlaps a volume of this shape."""
+        if self.empty:
+            raise RegionError(
+                f"The {what} box lo={self.lo} hi={self.hi} (i,j,k) is empty: every upper index must exceed its "
+                "lower index. Redraw the ROI with a non-zero size along each axis."
+            )
+        limit = tuple(reversed(shape_kji[-3:]))
+        if self.clip(shape_kji).empty:
+            raise RegionError(
+                f"The {what} box lo={self.lo} hi={self.hi} (i,j,k) lies outside the volume, whose voxels run from "
+                f"(0,0,0) to {tuple(n - 1 for n in limit)}. Move the ROI onto the volume or pick the right volume."
+            )
+
+
+@dataclass
+class Volume:
+    """A scalar (k, j, i) or multi-channel (c, k, j, i) array with the geometry of a Slicer volume node.
+
+    >>> import numpy as np
+    >>> v = Volume(np.zeros((4, 5, 6), np.float32), spacing=(0.5, 0.5, 2.0), origin=(10.0, 0.0, 0.0))
+    >>> v.ijk_to_ras[:3, 3].tolist(), v.ijk_to_ras[2, 2]
+    ([10.0, 0.0, 0.0], 2.0)
+    >>> v.crop(Box((1, 1, 1), (3, 3, 3))).origin
+    (10.5, 0.5, 2.0)
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    directions: np.ndarray = field(default_factory=lambda: np.eye(3))
+
+    def __post_init__(self) -> None:
+        self.spacing = tuple(float(s) for s in self.spacing)
+        self.origin = tuple(float(o) for o in self.origin)
+        self.directions = np.array(self.directions, dtype=np.float64).reshape(3, 3)
+        if self.array.ndim not in (3, 4):
+            raise InputError(
+                f"A volume must be a 3-D array (k, j, i) or a 4-D array (channels, k, j, i); got shape "
+                f"{self.array.shape}. Load a 3-D image (a single 2-D slice or a time series cannot be explained)."
+            )
+        if any(s <= 0 or not np.isfinite(s) for s in self.spacing):
+            raise InputError(f"Voxel spacing must be positive and finite, got {self.spacing} mm. Fix the file header.")
+
+    @classmethod
+    def from_ijk_to_ras(cls, array: np.ndarray, ijk_to_ras: np.ndarray) -> Volume:
+        """Build from a 4x4 IJK-to-RAS matrix (spacing = column lengths, directions = normalised columns)."""
+        m = np.asarray(ijk_to_ras, dtype=np.float64)
+        spacing = np.linalg.norm(m[:3, :3], axis=0)
+        return cls(array, tuple(spacing), tuple(m[:3, 3]), m[:3, :3] / spacing)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Spatial shape in array order (k, j, i)."""
+        return tuple(self.array.shape[-3:])
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.array.ndim == 3 else self.array.shape[0]
+
+    @property
+    def ijk_to_ras(self) -> np.ndarray:
+        m = np.eye(4)
+        m[:3, :3] = self.directions * np.asarray(self.spacing)
+        m[:3, 3] = self.origin
+        return m
+
+    def with_array(self, array: np.ndarray) -> Volume:
+        """A volume with the same geometry and another array of the same spatial shape."""
+        if tuple(array.shape[-3:]) != self.shape:
+            raise InputError(f"Array of shape {array.shape} does not fit a volume of shape {self.shape} (k, j, i).")
+        return Volume(array, self.spacing, self.origin, self.directions.copy())
+
+    def crop(self, box: Box) -> Volume:
+        """The sub-volume inside ``box`` with its exact geometry (same directions and spacing, moved origin)."""
+        box.check_inside(self.shape)
+        if not Box.whole(self.shape).contains(box):
+            raise RegionError(f"Box lo={box.lo} hi={box.hi} reaches outside the volume of size {self.shape[::-1]} (i,j,k).")
+        origin = self.ijk_to_ras @ np.array([*box.lo, 1.0])
+        return Volume(self.array[(...,) + box.slices].copy(), self.spacing, tuple(origin[:3]), self.directions.copy())
+
+    def embed(self, sub: Volume, box: Box, fill: float = 0.0) -> Volume:
+        """Place ``sub`` (a crop of this volume's grid at ``box``) into a full-size array of this geometry."""
+        out = np.full(sub.array.shape[:-3] + self.shape, fill, dtype=sub.array.dtype)
+        out[(...,) + box.slices] = sub.array
+        return self.with_array(out)
+
+    def ras_to_ijk(self, ras: Sequence[float]) -> np.ndarray:
+        """Continuous (i, j, k) index of a RAS point."""
+        return (np.linalg.inv(self.ijk_to_ras) @ np.array([*ras, 1.0]))[:3]
+
+    def same_geometry(self, other: Volume) -> bool:
+        return self.shape == other.shape and np.array_equal(self.ijk_to_ras, other.ijk_to_ras)
+
+
+def read_volume(path: str | os.PathLike) -> Volume:
+    """Read an image file (NRRD, NIfTI, MHA, ... anything SimpleITK reads) into a :class:`Volume`."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"Volume file {path} does not exist. Check the path.")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(f"Could not read volume {path}: {str(exc).strip().splitlines()[-1]}. "
+                         "Is it a complete NRRD/NIfTI/MHA file?") from exc
+    if image.GetDimension() != 3:
+        raise InputError(f"{path} is a {image.GetDimension()}-D image; CTXAI explains 3-D volumes only.")
+    array = sitk.GetArrayFromImage(image)
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        array = np.moveaxis(array, -1, 0)  # SimpleITK puts vector components last; the engine wants them first
+    directions = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3) * _LPS_TO_RAS[:, None]
+    origin = np.array(image.GetOrigin(), dtype=np.float64) * _LPS_TO_RAS
+    return Volume(array, image.GetSpacing(), tuple(origin), directions)
+
+
+class atomic_output:
+    """Context manager yielding a private temporary path beside ``path``; renamed onto ``path`` only on success.
+
+    A failed write leaves neither a partial file nor the temporary behind.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Keep the real suffix last: SimpleITK picks its writer from it.
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix="".join(self.path.suffixes) or ".tmp",
+                                   dir=self.path.parent)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            # mkstemp makes the file 0600; the finished file gets the permissions any new file would get.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o666 & ~umask)
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Write a :class:`Volume` to an image file (format from the suffix), atomically."""
+    import SimpleITK as sitk
+
+    array = volume.array
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    is_vector = array.ndim == 4
+    image = sitk.GetImageFromArray(np.moveaxis(array, 0, -1) if is_vector else array, isVector=is_vector)
+    image.SetSpacing(volume.spacing)
+    image.SetOrigin(tuple(np.asarray(volume.origin) * _LPS_TO_RAS))
+    image.SetDirection(tuple((volume.directions * _LPS_TO_RAS[:, None]).ravel()))
+    with atomic_output(path) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=compress)
+    return Path(path)

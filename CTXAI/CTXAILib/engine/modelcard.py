@@ -1,0 +1,263 @@
+"""The model card: the JSON file beside a model's weights that says what the model expects and predicts.
+
+Schema (every key is validated on load; an error names the file, the key and the fix)::
+
+    {
+      "name": "ctxai-defect-classifier",          # shown in the panel
+      "version": "1.0",                            # optional
+      "description": "...",                        # optional
+      "task": "classification" | "segmentation",
+      "class_names": ["normal", "pore", ...],      # one per output channel
+      "input_channels": 1,
+      "patch_size": [48, 48, 48],                  # voxels along i, j, k (null: any size, whole volume at once)
+      "spacing_mm": [0.2, 0.2, 0.2],               # voxel spacing the model was trained at, along i, j, k (optional)
+      "normalization": {"type": "window", "window": [-1000, 4000]}
+                     | {"type": "meanstd", "mean": 1200.0, "std": 1500.0}
+                     | {"type": "none"},
+      "air_value": -1000,                          # raw grey value of air (baseline "air"); optional
+      "output_activation": "softmax" | "sigmoid" | "none",
+      "default_cam_layer": "features.block4",      # optional; else the last conv layer
+      "format": "torchscript" | "state_dict",
+      "weights": "classifier.pt",                  # relative to the card
+      "sha256": "<hex digest of the weights file>",# optional but checked when present
+      "architecture": {"name": "ctxai.DefectClassifier3D", "params": {...}},  # state_dict only
+      "metrics": {...}, "training": {...}          # optional, free-form (quality figures, provenance)
+    }
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ModelError
+
+__all__ = ["Normalization", "ModelCard", "TASKS", "ACTIVATIONS", "FORMATS"]
+
+TASKS = ("classification", "segmentation")
+ACTIVATIONS = ("softmax", "sigmoid", "none")
+FORMATS = ("torchscript", "state_dict")
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Maps raw grey values to what the model was trained on.
+
+    >>> Normalization("window", window=(-1000.0, 3000.0)).apply(np.array([-1000.0, 1000.0, 5000.0]))
+    array([0. , 0.5, 1. ], dtype=float32)
+    """
+
+    type: str = "none"
+    window: tuple[float, float] | None = None
+    mean: float | None = None
+    std: float | None = None
+
+    def apply(self, raw: np.ndarray | float) -> np.ndarray:
+        raw = np.asarray(raw, dtype=np.float32)
+        if self.type == "window":
+            lo, hi = self.window
+            return np.clip((raw - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0).astype(np.float32)
+        if self.type == "meanstd":
+            return ((raw - np.float32(self.mean)) / np.float32(self.std)).astype(np.float32)
+        return raw
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.type == "window":
+            return {"type": "window", "window": list(self.window)}
+        if self.type == "meanstd":
+            return {"type": "meanstd", "mean": self.mean, "std": self.std}
+        return {"type": "none"}
+
+
+@dataclass
+class ModelCard:
+    """What a model expects and predicts; see the module docstring for the JSON schema.
+
+    >>> card = ModelCard.from_dict({"name": "m", "task": "classification", "class_names": ["a", "b"],
+    ...                             "format": "torchscript", "weights": "m.pt"})
+    >>> card.class_index("b"), card.patch_size
+    (1, None)
+    """
+
+    name: str
+    task: str
+    class_names: list[str]
+    format: str
+    weights: str
+    input_channels: int = 1
+    patch_size: tuple[int, int, int] | None = None
+    spacing_mm: tuple[float, float, float] | None = None
+    normalization: Normalization = field(default_factory=Normalization)
+    air_value: float | None = None
+    output_activation: str = "softmax"
+    default_cam_layer: str | None = None
+    sha256: str | None = None
+    architecture: dict[str, Any] | None = None
+    version: str | None = None
+    description: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def weights_path(self) -> Path:
+        base = self.path.parent if self.path is not None else Path.cwd()
+        return (base / self.weights).resolve()
+
+    @property
+    def patch_shape(self) -> tuple[int, int, int] | None:
+        """The patch in array order (k, j, i)."""
+        return None if self.patch_size is None else tuple(reversed(self.patch_size))
+
+    def class_index(self, name: str | int) -> int:
+        """Index of a class given by name or number; raises TargetError listing the classes."""
+        from ..errors import TargetError
+
+        if isinstance(name, (int, np.integer)) or (isinstance(name, str) and name.isdigit()):
+            index = int(name)
+            if 0 <= index < len(self.class_names):
+                return index
+        elif name in self.class_names:
+            return self.class_names.index(name)
+        raise TargetError(f"Class {name!r} is not predicted by model {self.name!r}. Its classes are "
+                          f"{', '.join(repr(c) for c in self.class_names)} (or their numbers 0-"
+                          f"{len(self.class_names) - 1}). Pick one of those.")
+
+    def raw_air(self, volume_min: float) -> float:
+        """Raw grey value of air: the card's, else the volume's minimum (air is the darkest thing in CT)."""
+        return float(self.air_value) if self.air_value is not None else float(volume_min)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelCard:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise ModelError(f"Model card {path} does not exist.") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelError(f"Model card {path} is not valid JSON ({exc}). Fix the file or regenerate it.") from exc
+        return cls.from_dict(data, path)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: str | Path | None = None) -> ModelCard:
+        where = f"Model card {path}" if path else "Model card"
+        if not isinstance(data, dict):
+            raise ModelError(f"{where} must be a JSON object, got {type(data).__name__}.")
+
+        def need(key: str, kind: type | tuple[type, ...]) -> Any:
+            if key not in data:
+                raise ModelError(f"{where} has no {key!r}. Add it (see the schema in CTXAILib/modelcard.py).")
+            return check(key, kind)
+
+        def check(key: str, kind: type | tuple[type, ...]) -> Any:
+            value = data.get(key)
+            if value is not None and not isinstance(value, kind):
+                names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+                raise ModelError(f"{where}: {key!r} must be {names}, got {value!r}.")
+            return value
+
+        def choice(key: str, allowed: tuple[str, ...], default: str | None = None) -> str:
+            if default is None:
+                need(key, str)
+            value = data.get(key, default)
+            if value not in allowed:
+                raise ModelError(f"{where}: {key!r} must be one of {', '.join(allowed)}, got {value!r}.")
+            return value
+
+        def triple(key: str, kind: type, positive: bool = True) -> tuple | None:
+            value = data.get(key)
+            if value is None:
+                return None
+            if (not isinstance(value, list) or len(value) != 3
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+                    or (kind is int and not all(float(v).is_integer() for v in value))
+                    or (positive and not all(v > 0 for v in value))):
+                raise ModelError(f"{where}: {key!r} must be three positive {kind.__name__}s along i, j, k, "
+                                 f"got {value!r}.")
+            return tuple(kind(v) for v in value)
+
+        name = need("name", str)
+        task = choice("task", TASKS)
+        class_names = need("class_names", list)
+        if not class_names or not all(isinstance(c, str) and c for c in class_names):
+            raise ModelError(f"{where}: 'class_names' must be a non-empty list of names, got {class_names!r}.")
+        if len(set(class_names)) != len(class_names):
+            raise ModelError(f"{where}: 'class_names' has duplicates: {class_names!r}.")
+        fmt = choice("format", FORMATS)
+        weights = need("weights", str)
+        channels = check("input_channels", int) or 1
+        if channels < 1:
+            raise ModelError(f"{where}: 'input_channels' must be at least 1, got {channels}.")
+        architecture = check("architecture", dict)
+        if fmt == "state_dict":
+            if not architecture or not isinstance(architecture.get("name"), str):
+                raise ModelError(f"{where}: a state_dict model needs 'architecture': {{'name': ..., 'params': {{...}}}}"
+                                 " naming the network class (e.g. ctxai.UNet3D or monai.networks.nets.UNet).")
+            if not isinstance(architecture.get("params", {}), dict):
+                raise ModelError(f"{where}: 'architecture.params' must be an object of keyword arguments.")
+        sha = check("sha256", str)
+        if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha.lower())):
+            raise ModelError(f"{where}: 'sha256' must be 64 hexadecimal digits, got {sha!r}.")
+        return cls(
+            name=name,
+            task=task,
+            class_names=list(class_names),
+            format=fmt,
+            weights=weights,
+            input_channels=channels,
+            patch_size=triple("patch_size", int),
+            spacing_mm=triple("spacing_mm", float),
+            normalization=_normalization(data.get("normalization"), where),
+            air_value=check("air_value", (int, float)),
+            output_activation=choice("output_activation", ACTIVATIONS, "softmax"),
+            default_cam_layer=check("default_cam_layer", str),
+            sha256=sha.lower() if sha else None,
+            architecture=architecture,
+            version=None if data.get("version") is None else str(data["version"]),
+            description=check("description", str),
+            metrics=check("metrics", dict) or {},
+            training=check("training", dict) or {},
+            path=Path(path).resolve() if path else None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("path")
+        data["normalization"] = self.normalization.to_dict()
+        for key in ("patch_size", "spacing_mm"):
+            data[key] = None if data[key] is None else list(data[key])
+        return {k: v for k, v in data.items() if v is not None and v != {}}
+
+    def save(self, path: str | Path) -> None:
+        from .geometry import atomic_output
+
+        with atomic_output(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        self.path = Path(path).resolve()
+
+
+def _normalization(spec: Any, where: str) -> Normalization:
+    if spec is None:
+        return Normalization()
+    if not isinstance(spec, dict):
+        raise ModelError(f"{where}: 'normalization' must be an object, got {spec!r}.")
+    kind = spec.get("type")
+    if kind == "window":
+        window = spec.get("window")
+        if (not isinstance(window, list) or len(window) != 2
+                or not all(isinstance(v, (int, float)) for v in window) or window[1] <= window[0]):
+            raise ModelError(f"{where}: window normalisation needs 'window': [low, high] with low < high, "
+                             f"got {window!r}.")
+        return Normalization("window", window=(float(window[0]), float(window[1])))
+    if kind == "meanstd":
+        mean, std = spec.get("mean"), spec.get("std")
+        if not isinstance(mean, (int, float)) or not isinstance(std, (int, float)) or std <= 0:
+            raise ModelError(f"{where}: mean-std normalisation needs numbers 'mean' and 'std' > 0, got {spec!r}.")
+        return Normalization("meanstd", mean=float(mean), std=float(std))
+    if kind == "none":
+        return Normalization()
+    raise ModelError(f"{where}: normalisation 'type' must be window, meanstd or none, got {kind!r}.")

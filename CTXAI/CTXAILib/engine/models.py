@@ -1,0 +1,266 @@
+"""Loading models safely, and discovering their layers.
+
+A model is a weights file plus a model card (see :mod:`.modelcard`). TorchScript archives are loaded with
+``torch.jit.load`` (compiled code, no Python pickle); state_dicts with ``torch.load(weights_only=True)`` into an
+architecture the card names, so no untrusted pickle ever runs. A bare TorchScript file without a card still works:
+the task is inferred from the output shape, with a warning saying what was assumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import LayerError, ModelError
+from .modelcard import ModelCard
+from .networks import build_architecture
+
+__all__ = ["LayerInfo", "LoadedModel", "load_model", "sha256_file", "find_card"]
+
+# Module types whose output is a spatial feature map a CAM can weight.
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A named module, its type and the shape of its output for one patch (None when it cannot be hooked)."""
+
+    name: str
+    type: str
+    output_shape: tuple[int, ...] | None
+    is_conv: bool
+
+    @property
+    def spatial(self) -> bool:
+        """True when the output is a 3-D feature map (N, C, D, H, W), the only kind a CAM can use."""
+        return self.output_shape is not None and len(self.output_shape) == 5
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def find_card(weights: Path) -> Path | None:
+    """The card beside a weights file: ``model.json`` or ``model.card.json`` for ``model.pt``."""
+    for candidate in (weights.with_suffix(".json"), weights.with_suffix(".card.json")):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _is_torchscript(path: Path) -> bool:
+    # Both torch.save and TorchScript write zip archives; only TorchScript stores compiled code under code/.
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/" in name or name.startswith("code/") for name in archive.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+class LoadedModel:
+    """A model ready to run: module in eval mode on its device, its card and the digest of its weights.
+
+    >>> from CTXAILib.networks import DefectClassifier3D
+    >>> card = ModelCard.from_dict({"name": "demo", "task": "classification", "class_names": ["a", "b"],
+    ...     "format": "state_dict", "weights": "-", "patch_size": [16, 16, 16],
+    ...     "architecture": {"name": "ctxai.DefectClassifier3D", "params": {"num_classes": 2}}})
+    >>> model = LoadedModel(DefectClassifier3D(num_classes=2), card, sha256="0" * 64)
+    >>> model.default_layer()
+    'features.block4.conv2'
+    """
+
+    def __init__(self, module: nn.Module, card: ModelCard, sha256: str, device: torch.device | str = "cpu",
+                 warnings_: list[str] | None = None):
+        self.module = module.eval()
+        for parameter in self.module.parameters():
+            parameter.requires_grad_(False)  # attributions need input gradients only; this halves backward work
+        self.card = card
+        self.sha256 = sha256
+        self.warnings = list(warnings_ or [])
+        self.device = torch.device("cpu")
+        self._layers: dict[tuple, list[LayerInfo]] = {}
+        self.to(device)
+
+    @property
+    def is_torchscript(self) -> bool:
+        return isinstance(self.module, torch.jit.ScriptModule)
+
+    def to(self, device: torch.device | str) -> LoadedModel:
+        self.device = torch.device(device)
+        self.module.to(self.device)
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    def probe_shape(self) -> tuple[int, int, int]:
+        """A (k, j, i) input shape to probe the model with: its patch, or 32³ when it takes any size."""
+        return self.card.patch_shape or (32, 32, 32)
+
+    def layers(self, spatial_shape: tuple[int, int, int] | None = None) -> list[LayerInfo]:
+        """Every named sub-module in execution order, with output shapes for one input of ``spatial_shape``."""
+        shape = tuple(spatial_shape or self.probe_shape())
+        if shape in self._layers:
+            return self._layers[shape]
+        named = [(name, module) for name, module in self.module.named_modules() if name]
+        if self.is_torchscript:
+            # Compiled modules run their graph in C++: Python forward hooks never fire, so no shapes.
+            infos = [LayerInfo(name, m.original_name, None, False) for name, m in named]
+        else:
+            shapes: dict[str, tuple[int, ...]] = {}
+            order: list[str] = []
+
+            def recorder(name: str):
+                def hook(_module, _inputs, output):
+                    if isinstance(output, torch.Tensor) and name not in shapes:
+                        shapes[name] = tuple(output.shape)
+                        order.append(name)
+                return hook
+
+            handles = [module.register_forward_hook(recorder(name)) for name, module in named]
+            try:
+                with torch.no_grad():
+                    self.module(torch.zeros((1, self.card.input_channels) + shape, device=self.device))
+            finally:
+                for handle in handles:
+                    handle.remove()
+            modules = dict(named)
+            infos = [LayerInfo(n, type(modules[n]).__name__, shapes[n], isinstance(modules[n], _CONV_TYPES))
+                     for n in order]
+            infos += [LayerInfo(n, type(m).__name__, None, isinstance(m, _CONV_TYPES))
+                      for n, m in named if n not in shapes]
+        self._layers[shape] = infos
+        return infos
+
+    def default_layer(self) -> str | None:
+        """The card's CAM layer, else the last convolution (before the output head for segmentation)."""
+        if self.card.default_cam_layer:
+            return self.card.default_cam_layer
+        convs = [info for info in self.layers() if info.is_conv and info.spatial]
+        if self.card.task == "segmentation":
+            # The last conv of a segmentation net maps features to class logits; its CAM is the prediction itself.
+            convs = [info for info in convs if info.output_shape[1] != len(self.card.class_names)] or convs
+        return convs[-1].name if convs else None
+
+    def get_layer(self, name: str | None) -> nn.Module:
+        """The module named ``name`` (the default CAM layer when None); raises LayerError with suggestions."""
+        import difflib
+
+        name = name or self.default_layer()
+        if self.is_torchscript:
+            raise LayerError(f"Layer {name!r} cannot be hooked: model {self.card.name!r} is TorchScript, whose "
+                             "layers run compiled. Use a state_dict with an architecture in the model card for "
+                             "layer methods (CAMs, guided backprop, DeepLIFT, LRP).")
+        modules = dict(self.module.named_modules())
+        if not name or name not in modules:
+            spatial = [info.name for info in self.layers() if info.spatial]
+            close = difflib.get_close_matches(name or "", spatial, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise LayerError(f"Model {self.card.name!r} has no layer {name!r}.{hint} Layers with 3-D feature maps: "
+                             f"{', '.join(spatial) or 'none'} (list them with `ctxai layers --model ...`).")
+        return modules[name]
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a model from its card (``.json``) or its weights file (card found beside it, if any).
+
+    Raises :class:`ModelError` for a missing, corrupt or mismatching file, with what to do about it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"Model file {path} does not exist. Check the path.")
+    if path.suffix.lower() == ".json":
+        card = ModelCard.load(path)
+        weights = card.weights_path
+        if not weights.exists():
+            raise ModelError(f"Model card {path} points to weights {weights}, which do not exist. Put the weights "
+                             "beside the card or fix 'weights' in the card.")
+    else:
+        weights = path
+        card_path = find_card(path)
+        card = ModelCard.load(card_path) if card_path else None
+
+    digest = sha256_file(weights)
+    if card is not None and card.sha256 and card.sha256 != digest:
+        raise ModelError(f"Weights {weights} do not match their model card: sha256 is {digest}, the card says "
+                         f"{card.sha256}. The file is corrupt or was replaced; restore it, or update 'sha256' in "
+                         "the card if the new weights are intended.")
+    if card is None:
+        return _load_bare_torchscript(weights, digest, device)
+    if card.format == "torchscript":
+        module = _jit_load(weights)
+    else:
+        module = build_architecture(card.architecture["name"], card.architecture.get("params"))
+        state = _load_state_dict(weights)
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            detail = str(exc).split("\n", 1)[-1].strip()[:400]
+            raise ModelError(f"Weights {weights} do not fit architecture {card.architecture['name']} with params "
+                             f"{card.architecture.get('params', {})}: {detail}. Fix 'architecture' in the card "
+                             "or use the matching weights.") from exc
+    return LoadedModel(module, card, digest, device)
+
+
+def _jit_load(path: Path) -> torch.jit.ScriptModule:
+    if not _is_torchscript(path):
+        raise ModelError(f"{path} is not a TorchScript archive (a state_dict or another format?). Save the model "
+                         "with torch.jit.save, or describe the state_dict in a model card with format 'state_dict'.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # torch raises several types for damaged archives
+        raise ModelError(f"Could not load TorchScript model {path}: {str(exc).strip().splitlines()[0]}. The file "
+                         "is damaged or was written by a newer PyTorch; re-export it.") from exc
+
+
+def _load_state_dict(path: Path) -> dict:
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors, truncated archives, foreign formats
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"Could not load state_dict {path} safely: {first}. The file is damaged, or it holds "
+                         "pickled Python objects beyond tensors (refused: untrusted code could run); save the "
+                         "model with torch.save(model.state_dict(), path).") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path} does not hold a state_dict (a mapping of names to tensors). Save it with "
+                         "torch.save(model.state_dict(), path).")
+    return state
+
+
+def _load_bare_torchscript(path: Path, digest: str, device: torch.device | str) -> LoadedModel:
+    module = _jit_load(path)
+    probe = (32, 32, 32)
+    try:
+        with torch.no_grad():
+            output = module(torch.zeros((1, 1) + probe))
+    except Exception as exc:
+        raise ModelError(f"{path} has no model card and does not run on a 1-channel {probe} test input "
+                         f"({str(exc).strip().splitlines()[0]}). Write a model card beside it "
+                         f"({path.with_suffix('.json').name}) giving input_channels and patch_size.") from exc
+    if not isinstance(output, torch.Tensor) or output.ndim not in (2, 5):
+        raise ModelError(f"{path} has no model card and its output {getattr(output, 'shape', type(output))} is "
+                         "neither (N, classes) nor (N, classes, D, H, W). Write a model card beside it.")
+    task = "classification" if output.ndim == 2 else "segmentation"
+    classes = output.shape[1]
+    activation = "sigmoid" if classes == 1 else "softmax"
+    card = ModelCard(name=path.stem, task=task, class_names=[str(i) for i in range(classes)], format="torchscript",
+                     weights=path.name, output_activation=activation, path=path.with_suffix(".json"))
+    message = (f"{path.name} has no model card: assumed a {task} model with {classes} classes numbered 0-"
+               f"{classes - 1}, one input channel, {activation} output, no intensity normalisation and any input "
+               "size. Write a model card beside it to state these.")
+    warnings.warn(message, stacklevel=3)
+    return LoadedModel(module, card, digest, device, [message])
