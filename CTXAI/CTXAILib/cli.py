@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Sequence
 
-from .commands import bench, demo, explain, train
+from .commands import bench, demo, explain, profile, train
 from .errors import Cancelled, CTXAIError
 
 __all__ = ["main", "build_parser"]
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctxai", description="Explain 3-D deep-learning models on CT volumes.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    for module in (explain, demo, train, bench):
+    for module in (explain, profile, demo, train, bench):
         module.add_parser(sub)
     return parser
 

@@ -67,7 +67,7 @@ def _cmd_layers(args) -> int:
 def _cmd_explain(args) -> int:
     import numpy as np
 
-    from ..checks.faithfulness import faithfulness_check
+    from ..checks.runner import explain_and_check
     from ..engine.explain import Explainer
     from ..engine.geometry import read_volume
     from ..engine.models import load_model
@@ -86,17 +86,26 @@ def _cmd_explain(args) -> int:
     target_class = args.target
     target = Target(int(target_class) if target_class and target_class.isdigit() else target_class,
                     contrast=args.contrast, region=region, score=args.score)
+    reference = None
+    if args.reference_mask:
+        reference_volume = read_volume(args.reference_mask)
+        if not reference_volume.same_geometry(volume):
+            raise InputError(f"Reference mask {args.reference_mask} does not have the geometry of volume "
+                             f"{args.volume} (shape and IJK-to-RAS must match). Resample it onto the volume first.")
+        reference = np.asarray(reference_volume.array) > 0
+    checks = list(args.checks or []) + (["faithfulness"] if args.quality else [])
     model = load_model(args.model)
     explainer = Explainer(model, device=args.device, precision=args.precision, memory_mb=args.memory_mb)
     bar = None if args.quiet else TerminalProgress()
-    evaluate = faithfulness_check if args.quality else None
     try:
-        result = explainer.explain(volume, args.method, target, layer=args.layer, settings=dict(args.set or []),
-                                   progress=bar, seed=args.seed, output=args.output, evaluate=evaluate)
+        result, verified = explain_and_check(explainer, volume, args.method, target, checks=checks,
+                                             reference_mask=reference, layer=args.layer,
+                                             settings=dict(args.set or []), seed=args.seed, progress=bar,
+                                             output=args.output)
     finally:
         if bar is not None:
             bar.close()
-    written = write_explanation(result, volume, model, args.out)
+    written = write_explanation(result, volume, model, args.out, extra=verified)
     prediction = result.prediction
     summary = (f"predicted {prediction['predicted_class']} (p={prediction['probabilities'][prediction['predicted_class']]:.3f})"
                if prediction["task"] == "classification" else
@@ -104,10 +113,11 @@ def _cmd_explain(args) -> int:
                f"{prediction['class']}")
     print(f"{result.method} on {Path(args.volume).name}: target {result.target['class']}; {summary}; "
           f"{result.timings['total_s']:.1f} s on {result.device}")
-    if result.quality.get("deletion_auc") is not None:
-        q = result.quality
-        print(f"  faithfulness: deletion AUC {q['deletion_auc']:.3f} (random order {q['deletion_auc_random']:.3f}), "
-              f"insertion AUC {q['insertion_auc']:.3f} (random order {q['insertion_auc_random']:.3f})")
+    if verified:
+        print(f"  verdict: {verified['verdict']['verdict']}")
+        for name, check in verified["checks"].items():
+            state = {True: "pass", False: "FAIL", None: "n/a"}[check["pass"]]
+            print(f"  {state:4s} {name}: {check['what']}")
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     for key, path in written.items():
@@ -115,10 +125,30 @@ def _cmd_explain(args) -> int:
     return 0
 
 
+def _check_names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _cmd_checks(args) -> int:
+    from ..checks.runner import list_checks
+
+    for check in list_checks():
+        cost = f"{check.runs:g} re-run(s) of the method" + (f" + {check.passes} forward passes" if check.passes
+                                                            else "")
+        scope = " [segmentation]" if check.segmentation_only else " [needs --reference-mask]" \
+            if check.needs_reference else ""
+        print(f"{check.name:20s} {check.summary}{scope}\n{'':20s} cost: {cost}; a failure makes the map "
+              f"{'not trusted' if check.blocking else 'to be used with care'}")
+    return 0
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("methods", help="list the attribution methods and their settings")
     p.add_argument("--json", action="store_true", help="machine-readable registry (the Slicer panel reads this)")
     p.set_defaults(run=_cmd_methods)
+
+    p = sub.add_parser("checks", help="list the checks that verify a map, their cost and what a failure means")
+    p.set_defaults(run=_cmd_checks)
 
     p = sub.add_parser("layers", help="list a model's layers with output shapes (* = default CAM layer)")
     p.add_argument("--model", required=True, help="model card (.json) or weights file")
@@ -147,8 +177,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", choices=("full", "extent"), default="full",
                    help="map over the whole input (default) or only the computed extent")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling methods")
-    p.add_argument("--quality", action="store_true",
-                   help="also measure the map's faithfulness (deletion/insertion AUCs) into run.json")
+    p.add_argument("--checks", type=_check_names, metavar="all|NAME,...",
+                   help="verify the map and write the checks and a verdict into run.json: all, or some of "
+                        "randomisation, target_sensitivity, faithfulness, spill, stability, localisation "
+                        "(`ctxai checks` says what each costs and means)")
+    p.add_argument("--reference-mask", help="label volume on the volume's grid (ground truth or a trusted "
+                                            "segmentation): adds the localisation check")
+    p.add_argument("--quality", action="store_true", help="same as adding faithfulness to --checks")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_explain)

@@ -116,7 +116,9 @@ class Explanation:
     precision: str
     input_sha256: str
     warnings: list[str] = field(default_factory=list)
-    quality: dict[str, float] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)
+    fixed_target: Target | None = None  # the target as resolved: re-explains the same voxels on a changed model
+    runner_up: str | None = None        # classification: the second most probable class of the explained patch
 
 
 @dataclass
@@ -203,6 +205,15 @@ class Explainer:
         self._prepared: _Prepared | None = None
         self._per_sample: dict[tuple, int] = {}
         self._fastest: dict[tuple, tuple[int, int]] = {}  # (patch, backward) -> (fastest batch, largest tried)
+
+    def variant(self, model: LoadedModel) -> Explainer:
+        """An explainer of another model of the same card (e.g. with re-initialised weights) that keeps this one's
+        device, precision, memory budget, sliding window and measured batch sizes."""
+        other = Explainer(model, self.device, self.precision, self.budget.bytes / 2 ** 20, self.overlap, self.halo,
+                          self.min_tile_share, self.channels_last)
+        other._fastest = dict(self._fastest)
+        other._per_sample = dict(self._per_sample)
+        return other
 
     # ----------------------------------------------------------------------------------------------- input
     def prepare(self, volume: Volume) -> _Prepared:
@@ -487,11 +498,13 @@ class Explainer:
         else:
             extent_volume = volume.crop(extent).with_array(result)
             attribution = volume.embed(extent_volume, extent) if output == "full" else extent_volume
-        confidence = None
+        confidence = runner_up = None
         if probabilities is not None:
             confidence = volume.with_array(np.ascontiguousarray(probabilities[resolved.class_index], np.float32))
             prediction = self._segmentation_summary(probabilities, resolved)
         else:
+            runner_up = next((card.class_names[int(i)] for i in np.argsort(-class_probs)
+                              if int(i) != resolved.class_index), None)
             prediction = {"task": "classification", "predicted_class": card.class_names[int(np.argmax(class_probs))],
                           "probabilities": {n: float(p) for n, p in zip(card.class_names, class_probs)},
                           "target_probability": float(class_probs[resolved.class_index])}
@@ -505,7 +518,13 @@ class Explainer:
                     "box": [list(resolved.box.lo), list(resolved.box.hi)]},
             layer=layer_name, prediction=prediction, extent=extent, confidence=confidence, timings=timings,
             device=str(self.device), precision=self.precision, input_sha256=prepared.sha256, warnings=warnings,
-            quality=scores)
+            quality=scores, fixed_target=resolved.fixed(), runner_up=runner_up)
+
+    def class_mask(self, volume: Volume, class_index: int) -> np.ndarray:
+        """A segmentation model's predicted mask (k, j, i) of one class over the whole volume (cached prediction)."""
+        if self.model.card.task != "segmentation":
+            raise MethodError(f"Model {self.model.card.name!r} is a classifier: it predicts no mask.")
+        return self._class_masks(self.segmentation_probabilities(self.prepare(volume)))(class_index)
 
     def _class_masks(self, probabilities: np.ndarray) -> Callable[[int], np.ndarray]:
         def mask(index: int) -> np.ndarray:

@@ -26,7 +26,7 @@ from ..errors import RegionError, TargetError
 from .geometry import Box
 from .modelcard import ModelCard
 
-__all__ = ["Region", "WholeVolume", "BoxRegion", "MaskRegion", "VoxelRegion", "ComponentRegion", "Target",
+__all__ = ["Region", "WholeVolume", "BoxRegion", "MaskRegion", "VoxelRegion", "ComponentRegion", "FixedRegion", "Target",
            "ResolvedTarget", "SCORES", "parse_region"]
 
 SCORES = ("logit", "probability")
@@ -104,6 +104,26 @@ class MaskRegion(Region):
 
     def describe(self) -> str:
         return f"mask of {int(np.count_nonzero(self.mask))} voxels"
+
+
+@dataclass(frozen=True, eq=False)
+class FixedRegion(Region):
+    """A region already resolved on one volume: its box and, where it has one, its mask over the box (k, j, i).
+
+    Checks re-explain a map on a changed model or input with it, so that the target stays the voxels the map was
+    made for (a clicked component of a randomised model's prediction would be another region)."""
+
+    box: Box
+    mask: np.ndarray | None = None
+
+    def resolve(self, shape, predicted=None):
+        if self.box.clip(shape) != self.box:
+            raise RegionError(f"The fixed region {self.box} does not lie inside the volume {tuple(shape)} (k,j,i).")
+        return self.box, self.mask
+
+    def describe(self) -> str:
+        voxels = int(np.prod(self.box.shape)) if self.mask is None else int(np.count_nonzero(self.mask))
+        return f"region of {voxels} voxels in box {list(self.box.lo)}-{list(self.box.hi)}"
 
 
 @dataclass(frozen=True)
@@ -215,6 +235,10 @@ class ResolvedTarget:
     box: Box
     mask: np.ndarray | None
     target: Target
+
+    def fixed(self) -> Target:
+        """The same target on any model or input of this shape: class indices and region as resolved here."""
+        return Target(self.class_index, self.contrast_index, FixedRegion(self.box, self.mask), self.score)
 
     def channel_weights(self, num_classes: int) -> torch.Tensor:
         weights = torch.zeros(num_classes)

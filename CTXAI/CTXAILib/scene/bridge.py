@@ -289,6 +289,9 @@ def _style_attribution(scene, node, values: np.ndarray, signed: bool, colormap: 
     display.SetInterpolate(1)
 
 
+CHECK_STATES = {True: "pass", False: "FAIL", None: "n/a"}
+
+
 def _run_table(scene, name: str, explanation: dict[str, Any]):
     import vtk
 
@@ -326,14 +329,12 @@ def _summary_rows(explanation: dict[str, Any]) -> list[tuple[str, str]]:
     timings = explanation.get("timings", {})
     if "total_s" in timings:
         rows.append(("Run time", f"{timings['total_s']:.2f} s on {explanation.get('device', '?')}"))
-    quality = explanation.get("quality") or {}
-    if "deletion_auc" in quality:
-        rows += [("Deletion AUC (lower is better)", f"{quality['deletion_auc']:.3f} (random order "
-                                                    f"{quality['deletion_auc_random']:.3f})"),
-                 ("Insertion AUC (higher is better)", f"{quality['insertion_auc']:.3f} (random order "
-                                                      f"{quality['insertion_auc_random']:.3f})")]
-    elif quality.get("note"):
-        rows.append(("Faithfulness", quality["note"]))
+    verdict = explanation.get("verdict")
+    if verdict:
+        rows.append(("Verdict", verdict["verdict"] + "".join(f"; {reason}" for reason in verdict["reasons"])))
+    # The panel colours a check's row by its first word (pass / FAIL / n/a).
+    rows += [(f"Check: {name}", f"{CHECK_STATES[check['pass']]}: {check['what']}")
+             for name, check in (explanation.get("checks") or {}).items()]
     rows += [("Warning", w) for w in explanation.get("warnings", [])]
     return rows
 

@@ -46,7 +46,9 @@ class ExplainRequest:
     colormap: str = "auto"
     render_3d: bool = True
     seed: int = 0
-    quality: bool = True            # deletion/insertion faithfulness in the run's table (a few extra evaluations)
+    # Checks of the map, run by the worker after it: by default the cheap ones (CTXAILib.checks.runner.CHEAP_CHECKS,
+    # at most one more run of the method); "all" or any names of `ctxai checks`.
+    checks: tuple[str, ...] = ("spill", "target_sensitivity")
 
 
 @dataclass
@@ -140,7 +142,7 @@ class ExplainSession:
                    "target": {"class": request.target_class or None, "contrast": request.contrast_class or None,
                               "score": request.score, "region": region},
                    "layer": request.layer or None, "settings": request.settings, "device": request.device,
-                   "precision": request.precision, "seed": request.seed, "quality": request.quality,
+                   "precision": request.precision, "seed": request.seed, "checks": list(request.checks),
                    "out_dir": str(self.client.exchange)}
         try:
             job = self.client.submit("explain", **payload)

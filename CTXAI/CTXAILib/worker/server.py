@@ -11,7 +11,8 @@ Requests (``id`` is chosen by the client and echoed in every reply):
 
 - ``{"id", "cmd": "explain", "model", "volume": {"path", "spacing", "origin", "directions"}, "method",
   "target": {"class", "contrast", "score", "region": {"type": "whole" | "box" | "voxel" | "component" | "mask",
-  ...}}, "layer", "settings", "device", "precision", "memory_mb", "seed", "output", "quality", "out_dir"}``
+  ...}}, "layer", "settings", "device", "precision", "memory_mb", "seed", "output", "checks" (names; the
+  result carries ``checks`` and a ``verdict``), "quality" (adds faithfulness), "out_dir"}``
 - ``{"id", "cmd": "describe_model", "model", "device"}`` -- card, layers and default CAM layer
 - ``{"id", "cmd": "methods"}`` -- the method registry (the panel builds its controls from it)
 - ``{"cmd": "cancel", "id"}`` and ``{"cmd": "shutdown"}``
@@ -147,7 +148,7 @@ class Worker:
         return [spec.to_dict() for spec in list_methods()]
 
     def _explain(self, request: dict, job: str, cancel: threading.Event) -> dict:
-        from ..checks.faithfulness import faithfulness_check
+        from ..checks.runner import explain_and_check
         from ..engine.geometry import Box, Volume
         from ..engine.targets import BoxRegion, ComponentRegion, MaskRegion, Target, VoxelRegion, WholeVolume
         from ..records.record import run_record
@@ -175,20 +176,26 @@ class Worker:
             self.send({"id": job, "type": "progress", "fraction": p.fraction, "message": p.message,
                        "eta_s": p.eta_s})
 
-        result = explainer.explain(volume, request["method"], target, layer=request.get("layer"),
-                                   settings=request.get("settings"), progress=progress, cancel=cancel,
-                                   seed=int(request.get("seed", 0)), output=request.get("output", "full"),
-                                   evaluate=faithfulness_check if request.get("quality") else None)
+        checks = list(request.get("checks") or []) + (["faithfulness"] if request.get("quality") else [])
+
+        def report(message: str) -> None:  # checks re-run the method: say which, the bar stays full meanwhile
+            self.send({"id": job, "type": "progress", "fraction": 1.0, "message": message, "eta_s": None})
+
+        result, verified = explain_and_check(explainer, volume, request["method"], target, checks=checks,
+                                             layer=request.get("layer"), settings=request.get("settings"),
+                                             seed=int(request.get("seed", 0)), progress=progress, cancel=cancel,
+                                             output=request.get("output", "full"), report=report)
         out_dir = Path(request["out_dir"])
         outputs = {"attribution": self._volume_file(result.attribution, out_dir / f"{job}-attribution.npy")}
         if result.confidence is not None:
             outputs["confidence"] = self._volume_file(result.confidence, out_dir / f"{job}-confidence.npy")
         record = run_record(result, volume, explainer.model, outputs={k: v["path"] for k, v in outputs.items()})
+        record.update(verified)
         return {**outputs, "record": record, "model_reused": reused,
                 "explanation": {"method": result.method, "signed": result.signed, "family": result.family,
                                 "settings": result.settings, "target": result.target, "layer": result.layer,
                                 "prediction": result.prediction, "timings": result.timings,
-                                "quality": result.quality,
+                                "quality": result.quality, **verified,
                                 "extent": {"lo": list(result.extent.lo), "hi": list(result.extent.hi)},
                                 "device": result.device, "warnings": result.warnings,
                                 "model": explainer.model.card.name}}
