@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import InputError, RegionError
+from .files import regular_file
 
 __all__ = ["Box", "Volume", "read_volume", "write_volume", "atomic_output"]
 
@@ -197,9 +198,7 @@ def read_volume(path: str | os.PathLike) -> Volume:
     """Read an image file (NRRD, NIfTI, MHA, ... anything SimpleITK reads) into a :class:`Volume`."""
     import SimpleITK as sitk
 
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"Volume file {path} does not exist. Check the path.")
+    path = regular_file(path, "Volume file", InputError)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:

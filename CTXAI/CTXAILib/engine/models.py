@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import LayerError, ModelError
+from .files import regular_file
 from .modelcard import ModelCard
 from .networks import build_architecture
 
@@ -176,21 +177,21 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
 
     Raises :class:`ModelError` for a missing, corrupt or mismatching file, with what to do about it.
     """
-    path = Path(path)
-    if not path.exists():
-        raise ModelError(f"Model file {path} does not exist. Check the path.")
+    path = regular_file(path, "Model file", ModelError)
     if path.suffix.lower() == ".json":
         card = ModelCard.load(path)
         weights = card.weights_path
         if not weights.exists():
             raise ModelError(f"Model card {path} points to weights {weights}, which do not exist. Put the weights "
                              "beside the card or fix 'weights' in the card.")
+        regular_file(weights, "Weights file", ModelError)
     else:
         weights = path
         card_path = find_card(path)
         card = ModelCard.load(card_path) if card_path else None
 
     digest = sha256_file(weights)
+    _check_archive(weights)
     if card is not None and card.sha256 and card.sha256 != digest:
         raise ModelError(f"Weights {weights} do not match their model card: sha256 is {digest}, the card says "
                          f"{card.sha256}. The file is corrupt or was replaced; restore it, or update 'sha256' in "
@@ -210,6 +211,24 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
                              f"{card.architecture.get('params', {})}: {detail}. Fix 'architecture' in the card "
                              "or use the matching weights.") from exc
     return LoadedModel(module, card, digest, device)
+
+
+def _check_archive(path: Path) -> None:
+    """Refuse a zip archive (TorchScript and torch.save both write one) whose members fail their CRC: torch reads
+    tensors without checking it, so a damaged file would load and predict garbage without a word."""
+    with open(path, "rb") as handle:
+        is_zip = handle.read(4) == b"PK\x03\x04"
+    if not is_zip:
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, EOFError) as exc:
+        raise ModelError(f"Model file {path} is a damaged or truncated archive ({exc}). Copy the file again or "
+                         "re-export the model.") from exc
+    if damaged is not None:
+        raise ModelError(f"Model file {path} is damaged: member {damaged!r} of its archive fails its CRC check. "
+                         "Copy the file again or re-export the model.")
 
 
 def _jit_load(path: Path) -> torch.jit.ScriptModule:
