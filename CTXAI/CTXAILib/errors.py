@@ -13,6 +13,7 @@ __all__ = [
     "LayerError",
     "MethodError",
     "ModelError",
+    "OutputError",
     "RegionError",
     "SettingError",
     "TargetError",
@@ -29,6 +30,10 @@ class InputError(CTXAIError, ValueError):
 
 class ModelError(CTXAIError, ValueError):
     """The model file or its model card is missing, corrupt, inconsistent or unsafe to load."""
+
+
+class OutputError(CTXAIError, OSError):
+    """The output folder cannot be written, would replace an input, or holds another run's files."""
 
 
 class LayerError(CTXAIError, ValueError):
