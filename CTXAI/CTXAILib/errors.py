@@ -14,6 +14,7 @@ __all__ = [
     "MethodError",
     "ModelError",
     "OutputError",
+    "ProtocolError",
     "RegionError",
     "SettingError",
     "TargetError",
@@ -34,6 +35,11 @@ class ModelError(CTXAIError, ValueError):
 
 class OutputError(CTXAIError, OSError):
     """The output folder cannot be written, would replace an input, or holds another run's files."""
+
+
+class ProtocolError(CTXAIError, ValueError):
+    """A worker request is malformed: not a JSON object, an unknown command, a missing field, a path outside the
+    exchange folder."""
 
 
 class LayerError(CTXAIError, ValueError):
