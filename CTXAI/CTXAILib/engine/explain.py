@@ -251,12 +251,14 @@ class Explainer:
         with torch.no_grad(), autocast(self.device, self.precision):
             return activate(self.model(inputs.to(self.device)).float(), self.model.card.output_activation)
 
-    def _forward_batch(self, shape: tuple[int, ...], needed: int = _BATCH_LIMIT) -> int:
+    def _forward_batch(self, shape: tuple[int, ...], needed: int = _BATCH_LIMIT,
+                       monitor: RunMonitor | None = None) -> int:
         """Tiles per forward-only batch: activations are freed layer by layer without autograd."""
         return self._fastest_batch(shape, self.budget.batch_size(self._sample_bytes(shape) // 2, _BATCH_LIMIT),
-                                   False, needed)
+                                   False, needed, monitor)
 
-    def _fastest_batch(self, shape: tuple[int, ...], limit: int, backward: bool, needed: float) -> int:
+    def _fastest_batch(self, shape: tuple[int, ...], limit: int, backward: bool, needed: float,
+                       monitor: RunMonitor | None = None) -> int:
         """The batch size, within the memory budget's ``limit``, with the lowest time per sample.
 
         The largest batch that fits is not the fastest: on a CPU a batch whose activations overflow the caches runs
@@ -269,12 +271,15 @@ class Explainer:
         key = (tuple(shape), backward)
         best, tried = self._fastest.get(key, (1, 1))
         if tried < limit and best == tried:
-            best, tried = self._measure_batches(tuple(shape), backward, limit, needed), limit
+            best, tried = self._measure_batches(tuple(shape), backward, limit, needed, monitor), limit
             self._fastest[key] = (best, tried)
         return max(1, min(best, limit))
 
-    def _measure_batches(self, shape: tuple[int, ...], backward: bool, limit: int, needed: float) -> int:
+    def _measure_batches(self, shape: tuple[int, ...], backward: bool, limit: int, needed: float,
+                         monitor: RunMonitor | None = None) -> int:
         def seconds(batch: int) -> float:
+            if monitor is not None:
+                monitor.check_cancel()  # the search runs real batches: Cancel must stop it like any other
             x = torch.randn((batch, self.model.card.input_channels) + shape, device=self.device,
                             requires_grad=backward)
             if self.device.type == "cuda":
@@ -333,7 +338,7 @@ class Explainer:
             prepared.probabilities = with_backoff(
                 lambda b: predict_tiles(self._run_model, prepared.x, grid, Box.whole(prepared.volume.shape), b,
                                         monitor.tick),
-                self._forward_batch(grid.patch, len(grid.tiles)),
+                self._forward_batch(grid.patch, len(grid.tiles), monitor),
                 on_retry=lambda _b: monitor.rewind(start)).astype(np.float16)
         return prepared.probabilities
 
@@ -344,7 +349,7 @@ class Explainer:
             return prepared.class_probabilities[extent]
         tiles = self._grid(prepared.volume.shape, extent).tiles
         total = 0.0
-        for batch in batched(tiles, self._forward_batch(tiles[0].shape, len(tiles))):
+        for batch in batched(tiles, self._forward_batch(tiles[0].shape, len(tiles), monitor)):
             if monitor is not None:
                 monitor.check_cancel()
             inputs = torch.cat([crop_padded(prepared.x, tile) for tile in batch])
@@ -474,7 +479,7 @@ class Explainer:
         if evaluate is not None and spec.family != "prediction":
             monitor.report("measuring the map's quality")
             probe = Probe(baselines.x, self._tiled_forward(plan, activation, monitor), baselines.extent,
-                          self._volume_batch(plan), values, seed)
+                          self._volume_batch(plan, monitor=monitor), values, seed)
             scores = evaluate(probe, result)
             timings["quality_s"] = time.perf_counter() - t0 - timings["explain_s"]
 
@@ -548,7 +553,7 @@ class Explainer:
         weight_sum = np.zeros(plan.extent.shape, np.float32) if spec.aggregation == "blend" else None
         per_sample = self._sample_bytes(plan.grid.patch) * 3  # activations + their gradients + the input's
         batch = self._fastest_batch(plan.grid.patch, self.budget.batch_size(per_sample, _BATCH_LIMIT), True,
-                                    spec.samples(values, plan.grid.patch))
+                                    spec.samples(values, plan.grid.patch), monitor)
 
         def run_tile(index: int, kernel: Callable, statistics: torch.Tensor | None) -> torch.Tensor:
             tile, weights = plan.tiles[index], plan.weights(index)
@@ -609,11 +614,11 @@ class Explainer:
     def _weight_bytes(self, plan: _Plan) -> int:
         return len(self.model.card.class_names) * int(np.prod(plan.grid.patch)) * 4 if plan.target is not None else 0
 
-    def _volume_batch(self, plan: _Plan, needed: float = _BATCH_LIMIT) -> int:
+    def _volume_batch(self, plan: _Plan, needed: float = _BATCH_LIMIT, monitor: RunMonitor | None = None) -> int:
         """Perturbed copies of the extent per call: their tiles' activations plus the copies themselves."""
         extent_bytes = int(np.prod(plan.extent.shape)) * self.model.card.input_channels * 4
         limit = self.budget.batch_size(self._sample_bytes(plan.grid.patch) // 2 + extent_bytes, _BATCH_LIMIT)
-        return self._fastest_batch(plan.grid.patch, limit, False, needed)
+        return self._fastest_batch(plan.grid.patch, limit, False, needed, monitor)
 
     def _run_volume(self, spec: MethodSpec, values: dict, prepared: _Prepared, plan: _Plan, target: ResolvedTarget,
                     activation: str, baselines: _Baselines, monitor: RunMonitor, seed: int,
@@ -633,7 +638,7 @@ class Explainer:
                                 tiles=tiles, tick=monitor.tick, notes=notes)
             return spec.kernel(ctx, values)
 
-        batch = self._volume_batch(plan, spec.samples(values, plan.extent.shape))
+        batch = self._volume_batch(plan, spec.samples(values, plan.extent.shape), monitor)
         return with_backoff(run, batch, on_retry=lambda _b: monitor.rewind(start)).detach().float().cpu().numpy()
 
 
