@@ -183,6 +183,7 @@ class Explainer:
         self.device = resolve_device(device)
         self.model = model if isinstance(model, LoadedModel) else load_model(model)
         self.model.to(self.device)
+        self.model.check_output()
         # GPUs run 3-D convolutions fastest with channels last (NDHWC, what tensor cores read); convolution weights in
         # that layout make every activation follow it. A CPU's own kernels prefer the default layout.
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
@@ -340,7 +341,20 @@ class Explainer:
                                         monitor.tick),
                 self._forward_batch(grid.patch, len(grid.tiles), monitor),
                 on_retry=lambda _b: monitor.rewind(start)).astype(np.float16)
+            self._check_finite(prepared.probabilities, Box.whole(prepared.volume.shape))
         return prepared.probabilities
+
+    def _check_finite(self, output: np.ndarray, extent: Box) -> None:
+        if np.isfinite(output).all():
+            return
+        if output.ndim == 4:  # a segmentation map: name the first voxel, in IJK like every other place
+            k, j, i = np.argwhere(~np.isfinite(output).any(axis=0))[0]
+            where = f"first at voxel IJK ({i}, {j}, {k})"
+        else:
+            where = f"for the patch at IJK {tuple(extent.lo)}-{tuple(extent.hi)}"
+        raise ModelError(f"Model {self.model.card.name!r} itself returns NaN or Inf on this input ({where}, "
+                         f"{self.precision} precision on {self.device}). Check the model and the volume's "
+                         "intensities against the card's normalisation.")
 
     def class_probabilities(self, prepared: _Prepared, extent: Box, monitor: RunMonitor | None = None) -> np.ndarray:
         """A classifier's class probabilities for the patch at ``extent`` (averaged over its tiles if larger);
@@ -354,6 +368,7 @@ class Explainer:
                 monitor.check_cancel()
             inputs = torch.cat([crop_padded(prepared.x, tile) for tile in batch])
             total = total + self._run_model(inputs).cpu().numpy().sum(axis=0)
+        self._check_finite(total, extent)
         prepared.class_probabilities[extent] = total / len(tiles)
         return prepared.class_probabilities[extent]
 
@@ -473,8 +488,9 @@ class Explainer:
         # One map per voxel: the input channels' attributions add up (one channel: no copy of a large map).
         result = result[0] if result.shape[0] == 1 else result.sum(axis=0)
         if not np.all(np.isfinite(result)):
-            raise MethodError(f"{spec.label} produced non-finite values on this input (numerical overflow); try "
-                              "fp32 precision or other settings.")
+            hint = "try fp32 precision or other settings" if self.precision != "fp32" else "try other settings"
+            raise MethodError(f"{spec.label} produced non-finite values on this input (numerical overflow); "
+                              f"{hint}.")
         scores = {}
         if evaluate is not None and spec.family != "prediction":
             monitor.report("measuring the map's quality")

@@ -90,6 +90,7 @@ class LoadedModel:
         self.warnings = list(warnings_ or [])
         self.device = torch.device("cpu")
         self._layers: dict[tuple, list[LayerInfo]] = {}
+        self._output_checked = False
         self.to(device)
 
     @property
@@ -107,6 +108,28 @@ class LoadedModel:
     def probe_shape(self) -> tuple[int, int, int]:
         """A (k, j, i) input shape to probe the model with: its patch, or 32³ when it takes any size."""
         return self.card.patch_shape or (32, 32, 32)
+
+    def check_output(self) -> None:
+        """Run the model once on a zero patch, so that a 2-D model, one that fails on the card's input or one whose
+        output does not fit the card's task is refused here, in words, rather than deep inside a method."""
+        if self._output_checked:
+            return
+        shape = self.probe_shape()
+        x = torch.zeros((1, self.card.input_channels) + shape, device=self.device)
+        try:
+            with torch.no_grad():
+                output = self.module(x)
+        except Exception as exc:  # noqa: BLE001 - whatever the model raises, the analyst needs the cause in words
+            raise _run_failure(self.module, exc, x, f"Model {self.card.name!r}") from None
+        task = self.card.task
+        fits = isinstance(output, torch.Tensor) and (
+            output.ndim == 2 if task == "classification" else output.ndim == 5 and tuple(output.shape[2:]) == shape)
+        if not fits:
+            got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise ModelError(f"Model {self.card.name!r} returns {got} for a {tuple(x.shape)} input, which does not "
+                             f"fit the task {task!r} of its card (a classifier returns (N, classes), a segmentation "
+                             f"model (N, classes, D, H, W) on the input's grid). Fix 'task' in {self.card.path}.")
+        self._output_checked = True
 
     def layers(self, spatial_shape: tuple[int, int, int] | None = None) -> list[LayerInfo]:
         """Every named sub-module in execution order, with output shapes for one input of ``spatial_shape``."""
@@ -260,16 +283,29 @@ def _load_state_dict(path: Path) -> dict:
     return state
 
 
-def _load_bare_torchscript(path: Path, digest: str, device: torch.device | str) -> LoadedModel:
-    module = _jit_load(path)
-    probe = (32, 32, 32)
+def _run_failure(module: nn.Module, exc: BaseException, x: torch.Tensor, what: str) -> ModelError:
+    """The error to report when ``module`` fails on the 5-D probe ``x``: a 2-D model is named as such, because
+    TorchScript buries that cause under "operation failed in the TorchScript interpreter"."""
     try:
         with torch.no_grad():
-            output = module(torch.zeros((1, 1) + probe))
-    except Exception as exc:
-        raise ModelError(f"{path} has no model card and does not run on a 1-channel {probe} test input "
-                         f"({str(exc).strip().splitlines()[0]}). Write a model card beside it "
-                         f"({path.with_suffix('.json').name}) giving input_channels and patch_size.") from exc
+            module(x[:, :, 0])
+    except Exception:  # noqa: BLE001 - not a 2-D model either: report the original failure
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        cause = lines[-1] if lines else type(exc).__name__  # TorchScript puts the real cause last
+        return ModelError(f"{what} fails on a {tuple(x.shape)} input: {cause}. Give input_channels and patch_size "
+                          "that fit the model in its model card.")
+    return ModelError(f"{what} expects 2-D input (N, C, H, W); CTXAI explains 3-D models (N, C, D, H, W). Use "
+                      "a 3-D model.")
+
+
+def _load_bare_torchscript(path: Path, digest: str, device: torch.device | str) -> LoadedModel:
+    module = _jit_load(path)
+    probe = torch.zeros((1, 1, 32, 32, 32))
+    try:
+        with torch.no_grad():
+            output = module(probe)
+    except Exception as exc:  # noqa: BLE001 - whatever the model raises, the analyst needs the cause in words
+        raise _run_failure(module, exc, probe, f"{path} (no model card beside it, so 1 channel assumed)") from None
     if not isinstance(output, torch.Tensor) or output.ndim not in (2, 5):
         raise ModelError(f"{path} has no model card and its output {getattr(output, 'shape', type(output))} is "
                          "neither (N, classes) nor (N, classes, D, H, W). Write a model card beside it.")
