@@ -89,3 +89,13 @@ def test_weak_model_or_card_that_is_a_directory_is_one_line(tmp_path, what, clas
         shutil.copy(classifier_card.with_suffix(".pt"), model)
         (tmp_path / "w.json").mkdir()
     one_error_line(ctxai("layers", "--model", model), "is a directory")
+
+
+def test_weak_singular_direction_matrix_keeps_itks_reason(tmp_path, classifier_card):
+    header = ("NRRD0004\ntype: float\ndimension: 3\nspace: left-posterior-superior\nsizes: 4 4 4\n"
+              "space directions: (1,0,0) (1,0,0) (0,0,1)\nkinds: domain domain domain\nendian: little\n"
+              "encoding: raw\nspace origin: (0,0,0)\n\n")
+    (tmp_path / "singular.nrrd").write_bytes(header.encode() + bytes(4 * 64))
+    out = ctxai("explain", "--volume", tmp_path / "singular.nrrd", "--model", classifier_card, "--method",
+                "saliency", "--device", "cpu", "--quiet", "--out", tmp_path / "out")
+    one_error_line(out, "singular.nrrd", "determinant is 0")
