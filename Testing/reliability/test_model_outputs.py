@@ -49,3 +49,9 @@ def test_weak_card_with_the_wrong_task_says_the_output_shape_does_not_fit(tmp_pa
     shutil.copy(classifier_card.with_suffix(".pt"), tmp_path / card["weights"])
     (tmp_path / "wrong.json").write_text(json.dumps(card))
     one_error_line(explain(tmp_path, volume_file, tmp_path / "wrong.json"), "does not fit the task 'segmentation'")
+
+
+def test_weak_gradcam_on_a_1x1x1_layer_is_refused(tmp_path, volume_file, classifier_card):
+    out = ctxai("explain", "--volume", volume_file, "--model", classifier_card, "--method", "gradcam", "--layer",
+                "pool", "--device", "cpu", "--quiet", "--out", tmp_path / "out")
+    one_error_line(out, "'pool'", "no spatial extent")

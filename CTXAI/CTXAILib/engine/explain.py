@@ -561,6 +561,10 @@ class Explainer:
             shape = None if info is None else info.output_shape
             raise LayerError(f"Layer {name!r} outputs {shape}, not a 3-D feature map (N, C, D, H, W), so "
                              f"{spec.label} cannot use it. Pick a convolution layer (`ctxai layers` lists them).")
+        if all(n == 1 for n in info.output_shape[2:]):
+            raise LayerError(f"Layer {name!r} outputs a 1x1x1 feature map {info.output_shape} for a {patch} patch: "
+                             f"it has no spatial extent, so {spec.label} would paint the patch flat. Pick an "
+                             "earlier convolution layer (`ctxai layers` lists them with their shapes).")
         return module, name
 
     def _run_tiles(self, spec: MethodSpec, values: dict, prepared: _Prepared, plan: _Plan, layer: nn.Module | None,
