@@ -55,3 +55,12 @@ def test_weak_gradcam_on_a_1x1x1_layer_is_refused(tmp_path, volume_file, classif
     out = ctxai("explain", "--volume", volume_file, "--model", classifier_card, "--method", "gradcam", "--layer",
                 "pool", "--device", "cpu", "--quiet", "--out", tmp_path / "out")
     one_error_line(out, "'pool'", "no spatial extent")
+
+
+def test_weak_ig_baseline_equal_to_the_input_is_warned(tmp_path, volume, classifier_card):
+    from CTXAILib import Volume, write_volume
+
+    flat = write_volume(Volume(volume.array * 0, volume.spacing, volume.origin), tmp_path / "zeros.nrrd")
+    out = explain(tmp_path, flat, classifier_card, method="integrated_gradients")
+    assert out.returncode == 0, out.stderr
+    assert "warning: The part mean baseline equals the input" in out.stderr

@@ -483,6 +483,7 @@ class Explainer:
         else:
             result = self._run_tiles(spec, values, prepared, plan, layer_module, activation, baselines, monitor, seed)
         timings["explain_s"] = time.perf_counter() - t0
+        warnings += baselines.warnings()
         if spec.absolute:
             result = np.abs(result)
         # One map per voxel: the input channels' attributions add up (one channel: no copy of a large map).
@@ -680,3 +681,12 @@ class _Baselines:
 
     def crop(self, kind: str, sigma_mm: float, tile: Box) -> torch.Tensor:
         return crop_padded(self.extent(kind, sigma_mm), tile.offset([-v for v in self.extent_box.lo]))
+
+    def warnings(self) -> list[str]:
+        """A warning per baseline the run used that is the input itself, within a thousandth of the input's range
+        (a uniform volume's part mean, a blur over huge voxels): attributions against it are all zero."""
+        scale = float(self.x.max() - self.x.min()) or 1.0
+        differences = {kind: float((baseline - self.x).abs().max()) for (kind, _), baseline in self._cache.items()}
+        return [f"The {kind.replace('_', ' ')} baseline equals the input here (largest difference {difference:.2g}), "
+                "so the map is zero everywhere. Choose another baseline (--set baseline=..., listed by "
+                "`ctxai methods`)." for kind, difference in differences.items() if difference <= 1e-3 * scale]

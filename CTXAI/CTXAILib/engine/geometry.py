@@ -206,8 +206,8 @@ def read_volume(path: str | os.PathLike) -> Volume:
         # ITK says why on its "ITK ERROR: Image(0x...): ..." line; what follows "Refusing" is matrices over lines.
         reason = next((line.split("): ", 1)[-1].split(" Refusing")[0] for line in lines if "ITK ERROR" in line),
                       lines[-1])
-        raise InputError(f"Could not read volume {path}: {reason.rstrip('.')}. Is it a complete NRRD/NIfTI/MHA file with a "
-                         "valid geometry (spacing, directions)?") from exc
+        raise InputError(f"Could not read volume {path}: {reason.rstrip('.')}. Is it a complete NRRD/NIfTI/MHA "
+                         "file with a valid geometry (spacing, directions)?") from exc
     if image.GetDimension() != 3:
         raise InputError(f"{path} is a {image.GetDimension()}-D image; CTXAI explains 3-D volumes only.")
     array = sitk.GetArrayFromImage(image)
