@@ -78,12 +78,15 @@ def explain(exchange, card, volume_path="input.npy", **extra):
     return request
 
 
-@pytest.mark.parametrize("case", ["unknown command", "missing field", "nonexistent npy", "non-array file"])
+@pytest.mark.parametrize("case", ["unknown command", "missing field", "region without its box", "nonexistent npy",
+                                  "non-array file"])
 def test_weak_worker_requests_are_validated_with_a_specific_message(worker, exchange, classifier_card, case):
     (exchange / "notes.npy").write_text("not an array")
     request, error, words = {
         "unknown command": ({"id": "job", "cmd": "explian"}, "ProtocolError", ["Unknown command 'explian'"]),
         "missing field": ({"id": "job", "cmd": "explain", "method": "saliency"}, "ProtocolError", ["'model'"]),
+        "region without its box": (explain(exchange, classifier_card, target={"region": {"type": "box"}}),
+                                   "ProtocolError", ["'box'", "'lo'"]),
         "nonexistent npy": (explain(exchange, classifier_card, exchange / "gone.npy"), "InputError",
                             ["gone.npy", "does not exist"]),
         "non-array file": (explain(exchange, classifier_card, exchange / "notes.npy"), "InputError",

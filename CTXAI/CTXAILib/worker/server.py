@@ -42,6 +42,7 @@ PROTOCOL_VERSION = 1
 # The fields each command needs; the others have defaults.
 _REQUIRED = {"explain": ("model", "volume", "method", "out_dir"), "describe_model": ("model",), "methods": ()}
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_REGION_FIELDS = {"whole": (), "box": ("lo", "hi"), "voxel": ("ijk",), "component": ("ijk",), "mask": ("path",)}
 
 
 def save_array(array: np.ndarray, path: Path) -> str:
@@ -143,6 +144,12 @@ class Worker:
             volume = request["volume"]
             if not isinstance(volume, dict) or not {"path", "spacing", "origin", "directions"} <= volume.keys():
                 raise ProtocolError("Request 'explain' needs 'volume' as {path, spacing, origin, directions}.")
+            region = (request.get("target") or {}).get("region") or {"type": "whole"}
+            kind = region.get("type", "whole") if isinstance(region, dict) else None
+            if kind not in _REGION_FIELDS or not all(key in region for key in _REGION_FIELDS[kind]):
+                raise ProtocolError(f"Target region {region!r} is not one of: " + "; ".join(
+                    f"{{'type': {name!r}{''.join(f', {key!r}: ...' for key in keys)}}}"
+                    for name, keys in _REGION_FIELDS.items()) + ".")
 
     def _exchange_path(self, path: str, what: str) -> Path:
         """``path`` resolved, when it lies inside the exchange folder: the worker reads and writes nowhere else."""
