@@ -6,6 +6,7 @@ exit status 2. An interrupted or failed run leaves no partial output files.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from typing import Sequence
@@ -25,9 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
+    # A batch system or `kill` stops a run with SIGTERM: it must clean up like Ctrl-C, not leave partial files.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.run(args)
     except Cancelled as exc:

@@ -13,6 +13,8 @@ __all__ = [
     "LayerError",
     "MethodError",
     "ModelError",
+    "OutputError",
+    "ProtocolError",
     "RegionError",
     "SettingError",
     "TargetError",
@@ -29,6 +31,15 @@ class InputError(CTXAIError, ValueError):
 
 class ModelError(CTXAIError, ValueError):
     """The model file or its model card is missing, corrupt, inconsistent or unsafe to load."""
+
+
+class OutputError(CTXAIError, OSError):
+    """The output folder cannot be written, would replace an input, or holds another run's files."""
+
+
+class ProtocolError(CTXAIError, ValueError):
+    """A worker request is malformed: not a JSON object, an unknown command, a missing field, a path outside the
+    exchange folder."""
 
 
 class LayerError(CTXAIError, ValueError):

@@ -38,14 +38,15 @@ def test_cancel_stops_ig_within_one_batch(classifier_card, volume):
     cancel = CountingCancel(after=4, calls=calls)
     with pytest.raises(Cancelled, match="cancelled"):
         explainer.explain(volume, "integrated_gradients", Target("pore"), settings={"steps": 512}, cancel=cancel)
-    ig_batches = [n for n in calls if n > 1]
-    assert 1 <= len(ig_batches) < 512 / max(ig_batches)  # it stopped long before the end
+    # The flag may be seen during the batch-size search or during IG itself: both poll it before every batch.
+    assert sum(calls) < 512 / 2  # it stopped long before the end
     assert len(calls) == cancel.calls_when_set  # no model call ran after the flag was seen
 
 
 def test_cancel_from_another_thread(classifier_card, volume):
-    """The GUI sets the flag from another thread; no batch starts after that, and the run ends right after the
-    batch in flight (timed against the batches themselves, so a slow machine does not matter)."""
+    """The GUI sets the flag from another thread; no batch starts after that (the batch-size search's included),
+    and the run ends right after the batch in flight (timed against the batches themselves, so a slow machine does
+    not matter)."""
     model = load_model(classifier_card)
     starts, ends = [], []
     model.module.register_forward_pre_hook(lambda m, i: starts.append(time.perf_counter()))
@@ -63,7 +64,10 @@ def test_cancel_from_another_thread(classifier_card, volume):
     timer.join()
     assert not [t for t in starts if t > set_at[0]], "a batch started after cancel was requested"
     in_flight_end = max([e for e in ends if e > set_at[0]], default=set_at[0])
-    assert stopped - in_flight_end < 0.5
+    # The batch in flight still runs its backward pass (about twice its forward): on a loaded machine that alone
+    # can take longer than a fixed half second, so the bound follows the slowest forward seen.
+    slowest_forward = max(end - start for start, end in zip(starts, ends))
+    assert stopped - in_flight_end < 0.5 + 3 * slowest_forward
 
 
 def test_progress_reports(classifier_card, volume):

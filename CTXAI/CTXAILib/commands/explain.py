@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from ..errors import InputError
@@ -22,6 +23,17 @@ def _ints(text: str, count: int, what: str) -> list[int]:
     if len(values) != count:
         raise argparse.ArgumentTypeError(f"{what} needs {count} comma-separated integers, got {text!r}")
     return values
+
+
+def _memory_mb(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"--memory-mb must be a number of MiB greater than 0 (for example 512), "
+                                         f"got {text!r}")
+    return value
 
 
 def _setting(text: str) -> tuple[str, str]:
@@ -67,13 +79,14 @@ def _cmd_layers(args) -> int:
 def _cmd_explain(args) -> int:
     import numpy as np
 
-    from ..checks.runner import explain_and_check
+    from ..checks.runner import explain_and_check, resolve_checks
     from ..engine.explain import Explainer
     from ..engine.geometry import read_volume
     from ..engine.models import load_model
     from ..engine.targets import Target, parse_region
-    from ..records.outputs import write_explanation
+    from ..records.outputs import claim_output_folder, write_explanation
 
+    started = time.time()
     volume = read_volume(args.volume)
     mask = None
     if args.mask:
@@ -93,8 +106,13 @@ def _cmd_explain(args) -> int:
             raise InputError(f"Reference mask {args.reference_mask} does not have the geometry of volume "
                              f"{args.volume} (shape and IJK-to-RAS must match). Resample it onto the volume first.")
         reference = np.asarray(reference_volume.array) > 0
-    checks = list(args.checks or []) + (["faithfulness"] if args.quality else [])
     model = load_model(args.model)
+    # Check names are resolved before anything is written: a misspelt one costs no run and no folder.
+    checks = resolve_checks(list(args.checks or []) + (["faithfulness"] if args.quality else []), model.card.task,
+                            reference is not None)
+    claim_output_folder(args.out, [args.volume, args.mask, args.reference_mask, args.model, model.card.path,
+                                   model.card.weights_path],
+                        args.overwrite, started)
     explainer = Explainer(model, device=args.device, precision=args.precision, memory_mb=args.memory_mb)
     bar = None if args.quiet else TerminalProgress()
     try:
@@ -173,7 +191,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", type=_setting, metavar="KEY=VALUE", help="method setting (repeatable)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast on GPU")
-    p.add_argument("--memory-mb", type=float, help="activation memory budget (default: a share of free memory)")
+    p.add_argument("--memory-mb", type=_memory_mb, help="activation memory budget (default: a share of free memory)")
     p.add_argument("--output", choices=("full", "extent"), default="full",
                    help="map over the whole input (default) or only the computed extent")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling methods")
@@ -184,6 +202,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference-mask", help="label volume on the volume's grid (ground truth or a trusted "
                                             "segmentation): adds the localisation check")
     p.add_argument("--quality", action="store_true", help="same as adding faithfulness to --checks")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (a run owns it: see --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files of the run that wrote --out before, as a whole")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_explain)

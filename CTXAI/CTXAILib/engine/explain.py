@@ -185,6 +185,7 @@ class Explainer:
         self.device = resolve_device(device)
         self.model = model if isinstance(model, LoadedModel) else load_model(model)
         self.model.to(self.device)
+        self.model.check_output()
         # GPUs run 3-D convolutions fastest with channels last (NDHWC, what tensor cores read); convolution weights in
         # that layout make every activation follow it. A CPU's own kernels prefer the default layout.
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
@@ -262,12 +263,14 @@ class Explainer:
         with torch.no_grad(), autocast(self.device, self.precision):
             return activate(self.model(inputs.to(self.device)).float(), self.model.card.output_activation)
 
-    def _forward_batch(self, shape: tuple[int, ...], needed: int = _BATCH_LIMIT) -> int:
+    def _forward_batch(self, shape: tuple[int, ...], needed: int = _BATCH_LIMIT,
+                       monitor: RunMonitor | None = None) -> int:
         """Tiles per forward-only batch: activations are freed layer by layer without autograd."""
         return self._fastest_batch(shape, self.budget.batch_size(self._sample_bytes(shape) // 2, _BATCH_LIMIT),
-                                   False, needed)
+                                   False, needed, monitor)
 
-    def _fastest_batch(self, shape: tuple[int, ...], limit: int, backward: bool, needed: float) -> int:
+    def _fastest_batch(self, shape: tuple[int, ...], limit: int, backward: bool, needed: float,
+                       monitor: RunMonitor | None = None) -> int:
         """The batch size, within the memory budget's ``limit``, with the lowest time per sample.
 
         The largest batch that fits is not the fastest: on a CPU a batch whose activations overflow the caches runs
@@ -280,12 +283,15 @@ class Explainer:
         key = (tuple(shape), backward)
         best, tried = self._fastest.get(key, (1, 1))
         if tried < limit and best == tried:
-            best, tried = self._measure_batches(tuple(shape), backward, limit, needed), limit
+            best, tried = self._measure_batches(tuple(shape), backward, limit, needed, monitor), limit
             self._fastest[key] = (best, tried)
         return max(1, min(best, limit))
 
-    def _measure_batches(self, shape: tuple[int, ...], backward: bool, limit: int, needed: float) -> int:
+    def _measure_batches(self, shape: tuple[int, ...], backward: bool, limit: int, needed: float,
+                         monitor: RunMonitor | None = None) -> int:
         def seconds(batch: int) -> float:
+            if monitor is not None:
+                monitor.check_cancel()  # the search runs real batches: Cancel must stop it like any other
             x = torch.randn((batch, self.model.card.input_channels) + shape, device=self.device,
                             requires_grad=backward)
             if self.device.type == "cuda":
@@ -344,9 +350,22 @@ class Explainer:
             prepared.probabilities = with_backoff(
                 lambda b: predict_tiles(self._run_model, prepared.x, grid, Box.whole(prepared.volume.shape), b,
                                         monitor.tick),
-                self._forward_batch(grid.patch, len(grid.tiles)),
+                self._forward_batch(grid.patch, len(grid.tiles), monitor),
                 on_retry=lambda _b: monitor.rewind(start)).astype(np.float16)
+            self._check_finite(prepared.probabilities, Box.whole(prepared.volume.shape))
         return prepared.probabilities
+
+    def _check_finite(self, output: np.ndarray, extent: Box) -> None:
+        if np.isfinite(output).all():
+            return
+        if output.ndim == 4:  # a segmentation map: name the first voxel, in IJK like every other place
+            k, j, i = np.argwhere(~np.isfinite(output).any(axis=0))[0]
+            where = f"first at voxel IJK ({i}, {j}, {k})"
+        else:
+            where = f"for the patch at IJK {tuple(extent.lo)}-{tuple(extent.hi)}"
+        raise ModelError(f"Model {self.model.card.name!r} itself returns NaN or Inf on this input ({where}, "
+                         f"{self.precision} precision on {self.device}). Check the model and the volume's "
+                         "intensities against the card's normalisation.")
 
     def class_probabilities(self, prepared: _Prepared, extent: Box, monitor: RunMonitor | None = None) -> np.ndarray:
         """A classifier's class probabilities for the patch at ``extent`` (averaged over its tiles if larger);
@@ -355,11 +374,12 @@ class Explainer:
             return prepared.class_probabilities[extent]
         tiles = self._grid(prepared.volume.shape, extent).tiles
         total = 0.0
-        for batch in batched(tiles, self._forward_batch(tiles[0].shape, len(tiles))):
+        for batch in batched(tiles, self._forward_batch(tiles[0].shape, len(tiles), monitor)):
             if monitor is not None:
                 monitor.check_cancel()
             inputs = torch.cat([crop_padded(prepared.x, tile) for tile in batch])
             total = total + self._run_model(inputs).cpu().numpy().sum(axis=0)
+        self._check_finite(total, extent)
         prepared.class_probabilities[extent] = total / len(tiles)
         return prepared.class_probabilities[extent]
 
@@ -474,18 +494,20 @@ class Explainer:
         else:
             result = self._run_tiles(spec, values, prepared, plan, layer_module, activation, baselines, monitor, seed)
         timings["explain_s"] = time.perf_counter() - t0
+        warnings += baselines.warnings()
         if spec.absolute:
             result = np.abs(result)
         # One map per voxel: the input channels' attributions add up (one channel: no copy of a large map).
         result = result[0] if result.shape[0] == 1 else result.sum(axis=0)
         if not np.all(np.isfinite(result)):
-            raise MethodError(f"{spec.label} produced non-finite values on this input (numerical overflow); try "
-                              "fp32 precision or other settings.")
+            hint = "try fp32 precision or other settings" if self.precision != "fp32" else "try other settings"
+            raise MethodError(f"{spec.label} produced non-finite values on this input (numerical overflow); "
+                              f"{hint}.")
         scores = {}
         if evaluate is not None and spec.family != "prediction":
             monitor.report("measuring the map's quality")
             probe = Probe(baselines.x, self._tiled_forward(plan, activation, monitor), baselines.extent,
-                          self._volume_batch(plan), values, seed)
+                          self._volume_batch(plan, monitor=monitor), values, seed)
             scores = evaluate(probe, result)
             timings["quality_s"] = time.perf_counter() - t0 - timings["explain_s"]
 
@@ -559,6 +581,10 @@ class Explainer:
             shape = None if info is None else info.output_shape
             raise LayerError(f"Layer {name!r} outputs {shape}, not a 3-D feature map (N, C, D, H, W), so "
                              f"{spec.label} cannot use it. Pick a convolution layer (`ctxai layers` lists them).")
+        if all(n == 1 for n in info.output_shape[2:]):
+            raise LayerError(f"Layer {name!r} outputs a 1x1x1 feature map {info.output_shape} for a {patch} patch: "
+                             f"it has no spatial extent, so {spec.label} would paint the patch flat. Pick an "
+                             "earlier convolution layer (`ctxai layers` lists them with their shapes).")
         return module, name
 
     def _run_tiles(self, spec: MethodSpec, values: dict, prepared: _Prepared, plan: _Plan, layer: nn.Module | None,
@@ -567,7 +593,7 @@ class Explainer:
         weight_sum = np.zeros(plan.extent.shape, np.float32) if spec.aggregation == "blend" else None
         per_sample = self._sample_bytes(plan.grid.patch) * 3  # activations + their gradients + the input's
         batch = self._fastest_batch(plan.grid.patch, self.budget.batch_size(per_sample, _BATCH_LIMIT), True,
-                                    spec.samples(values, plan.grid.patch))
+                                    spec.samples(values, plan.grid.patch), monitor)
 
         def run_tile(index: int, kernel: Callable, statistics: torch.Tensor | None) -> torch.Tensor:
             tile, weights = plan.tiles[index], plan.weights(index)
@@ -628,11 +654,11 @@ class Explainer:
     def _weight_bytes(self, plan: _Plan) -> int:
         return len(self.model.card.class_names) * int(np.prod(plan.grid.patch)) * 4 if plan.target is not None else 0
 
-    def _volume_batch(self, plan: _Plan, needed: float = _BATCH_LIMIT) -> int:
+    def _volume_batch(self, plan: _Plan, needed: float = _BATCH_LIMIT, monitor: RunMonitor | None = None) -> int:
         """Perturbed copies of the extent per call: their tiles' activations plus the copies themselves."""
         extent_bytes = int(np.prod(plan.extent.shape)) * self.model.card.input_channels * 4
         limit = self.budget.batch_size(self._sample_bytes(plan.grid.patch) // 2 + extent_bytes, _BATCH_LIMIT)
-        return self._fastest_batch(plan.grid.patch, limit, False, needed)
+        return self._fastest_batch(plan.grid.patch, limit, False, needed, monitor)
 
     def _run_volume(self, spec: MethodSpec, values: dict, prepared: _Prepared, plan: _Plan, target: ResolvedTarget,
                     activation: str, baselines: _Baselines, monitor: RunMonitor, seed: int,
@@ -652,7 +678,7 @@ class Explainer:
                                 tiles=tiles, tick=monitor.tick, notes=notes)
             return spec.kernel(ctx, values)
 
-        batch = self._volume_batch(plan, spec.samples(values, plan.extent.shape))
+        batch = self._volume_batch(plan, spec.samples(values, plan.extent.shape), monitor)
         return with_backoff(run, batch, on_retry=lambda _b: monitor.rewind(start)).detach().float().cpu().numpy()
 
 
@@ -674,3 +700,12 @@ class _Baselines:
 
     def crop(self, kind: str, sigma_mm: float, tile: Box) -> torch.Tensor:
         return crop_padded(self.extent(kind, sigma_mm), tile.offset([-v for v in self.extent_box.lo]))
+
+    def warnings(self) -> list[str]:
+        """A warning per baseline the run used that is the input itself, within a thousandth of the input's range
+        (a uniform volume's part mean, a blur over huge voxels): attributions against it are all zero."""
+        scale = float(self.x.max() - self.x.min()) or 1.0
+        differences = {kind: float((baseline - self.x).abs().max()) for (kind, _), baseline in self._cache.items()}
+        return [f"The {kind.replace('_', ' ')} baseline equals the input here (largest difference {difference:.2g}), "
+                "so the map is zero everywhere. Choose another baseline (--set baseline=..., listed by "
+                "`ctxai methods`)." for kind, difference in differences.items() if difference <= 1e-3 * scale]

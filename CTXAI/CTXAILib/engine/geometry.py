@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import InputError, RegionError
+from .files import regular_file
 
 __all__ = ["Box", "Volume", "read_volume", "write_volume", "atomic_output"]
 
@@ -197,14 +198,16 @@ def read_volume(path: str | os.PathLike) -> Volume:
     """Read an image file (NRRD, NIfTI, MHA, ... anything SimpleITK reads) into a :class:`Volume`."""
     import SimpleITK as sitk
 
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"Volume file {path} does not exist. Check the path.")
+    path = regular_file(path, "Volume file", InputError)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        raise InputError(f"Could not read volume {path}: {str(exc).strip().splitlines()[-1]}. "
-                         "Is it a complete NRRD/NIfTI/MHA file?") from exc
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        # ITK says why on its "ITK ERROR: Image(0x...): ..." line; what follows "Refusing" is matrices over lines.
+        reason = next((line.split("): ", 1)[-1].split(" Refusing")[0] for line in lines if "ITK ERROR" in line),
+                      lines[-1])
+        raise InputError(f"Could not read volume {path}: {reason.rstrip('.')}. Is it a complete NRRD/NIfTI/MHA "
+                         "file with a valid geometry (spacing, directions)?") from exc
     if image.GetDimension() != 3:
         raise InputError(f"{path} is a {image.GetDimension()}-D image; CTXAI explains 3-D volumes only.")
     array = sitk.GetArrayFromImage(image)

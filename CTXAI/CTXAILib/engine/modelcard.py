@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelError
+from .files import regular_file
 
 __all__ = ["Normalization", "ModelCard", "TASKS", "ACTIVATIONS", "FORMATS"]
 
@@ -133,11 +134,9 @@ class ModelCard:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelCard:
-        path = Path(path)
+        path = regular_file(path, "Model card", ModelError)
         try:
             data = json.loads(path.read_text())
-        except FileNotFoundError as exc:
-            raise ModelError(f"Model card {path} does not exist.") from exc
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ModelError(f"Model card {path} is not valid JSON ({exc}). Fix the file or regenerate it.") from exc
         return cls.from_dict(data, path)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import LayerError, ModelError
+from .files import regular_file
 from .modelcard import ModelCard
 from .networks import build_architecture
 
@@ -89,6 +90,7 @@ class LoadedModel:
         self.warnings = list(warnings_ or [])
         self.device = torch.device("cpu")
         self._layers: dict[tuple, list[LayerInfo]] = {}
+        self._output_checked = False
         self.to(device)
 
     @property
@@ -106,6 +108,28 @@ class LoadedModel:
     def probe_shape(self) -> tuple[int, int, int]:
         """A (k, j, i) input shape to probe the model with: its patch, or 32³ when it takes any size."""
         return self.card.patch_shape or (32, 32, 32)
+
+    def check_output(self) -> None:
+        """Run the model once on a zero patch, so that a 2-D model, one that fails on the card's input or one whose
+        output does not fit the card's task is refused here, in words, rather than deep inside a method."""
+        if self._output_checked:
+            return
+        shape = self.probe_shape()
+        x = torch.zeros((1, self.card.input_channels) + shape, device=self.device)
+        try:
+            with torch.no_grad():
+                output = self.module(x)
+        except Exception as exc:  # noqa: BLE001 - whatever the model raises, the analyst needs the cause in words
+            raise _run_failure(self.module, exc, x, f"Model {self.card.name!r}") from None
+        task = self.card.task
+        fits = isinstance(output, torch.Tensor) and (
+            output.ndim == 2 if task == "classification" else output.ndim == 5 and tuple(output.shape[2:]) == shape)
+        if not fits:
+            got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise ModelError(f"Model {self.card.name!r} returns {got} for a {tuple(x.shape)} input, which does not "
+                             f"fit the task {task!r} of its card (a classifier returns (N, classes), a segmentation "
+                             f"model (N, classes, D, H, W) on the input's grid). Fix 'task' in {self.card.path}.")
+        self._output_checked = True
 
     def layers(self, spatial_shape: tuple[int, int, int] | None = None) -> list[LayerInfo]:
         """Every named sub-module in execution order, with output shapes for one input of ``spatial_shape``."""
@@ -176,21 +200,21 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
 
     Raises :class:`ModelError` for a missing, corrupt or mismatching file, with what to do about it.
     """
-    path = Path(path)
-    if not path.exists():
-        raise ModelError(f"Model file {path} does not exist. Check the path.")
+    path = regular_file(path, "Model file", ModelError)
     if path.suffix.lower() == ".json":
         card = ModelCard.load(path)
         weights = card.weights_path
         if not weights.exists():
             raise ModelError(f"Model card {path} points to weights {weights}, which do not exist. Put the weights "
                              "beside the card or fix 'weights' in the card.")
+        regular_file(weights, "Weights file", ModelError)
     else:
         weights = path
         card_path = find_card(path)
         card = ModelCard.load(card_path) if card_path else None
 
     digest = sha256_file(weights)
+    _check_archive(weights)
     if card is not None and card.sha256 and card.sha256 != digest:
         raise ModelError(f"Weights {weights} do not match their model card: sha256 is {digest}, the card says "
                          f"{card.sha256}. The file is corrupt or was replaced; restore it, or update 'sha256' in "
@@ -210,6 +234,24 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
                              f"{card.architecture.get('params', {})}: {detail}. Fix 'architecture' in the card "
                              "or use the matching weights.") from exc
     return LoadedModel(module, card, digest, device)
+
+
+def _check_archive(path: Path) -> None:
+    """Refuse a zip archive (TorchScript and torch.save both write one) whose members fail their CRC: torch reads
+    tensors without checking it, so a damaged file would load and predict garbage without a word."""
+    with open(path, "rb") as handle:
+        is_zip = handle.read(4) == b"PK\x03\x04"
+    if not is_zip:
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, EOFError) as exc:
+        raise ModelError(f"Model file {path} is a damaged or truncated archive ({exc}). Copy the file again or "
+                         "re-export the model.") from exc
+    if damaged is not None:
+        raise ModelError(f"Model file {path} is damaged: member {damaged!r} of its archive fails its CRC check. "
+                         "Copy the file again or re-export the model.")
 
 
 def _jit_load(path: Path) -> torch.jit.ScriptModule:
@@ -241,16 +283,29 @@ def _load_state_dict(path: Path) -> dict:
     return state
 
 
-def _load_bare_torchscript(path: Path, digest: str, device: torch.device | str) -> LoadedModel:
-    module = _jit_load(path)
-    probe = (32, 32, 32)
+def _run_failure(module: nn.Module, exc: BaseException, x: torch.Tensor, what: str) -> ModelError:
+    """The error to report when ``module`` fails on the 5-D probe ``x``: a 2-D model is named as such, because
+    TorchScript buries that cause under "operation failed in the TorchScript interpreter"."""
     try:
         with torch.no_grad():
-            output = module(torch.zeros((1, 1) + probe))
-    except Exception as exc:
-        raise ModelError(f"{path} has no model card and does not run on a 1-channel {probe} test input "
-                         f"({str(exc).strip().splitlines()[0]}). Write a model card beside it "
-                         f"({path.with_suffix('.json').name}) giving input_channels and patch_size.") from exc
+            module(x[:, :, 0])
+    except Exception:  # noqa: BLE001 - not a 2-D model either: report the original failure
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        cause = lines[-1] if lines else type(exc).__name__  # TorchScript puts the real cause last
+        return ModelError(f"{what} fails on a {tuple(x.shape)} input: {cause}. Give input_channels and patch_size "
+                          "that fit the model in its model card.")
+    return ModelError(f"{what} expects 2-D input (N, C, H, W); CTXAI explains 3-D models (N, C, D, H, W). Use "
+                      "a 3-D model.")
+
+
+def _load_bare_torchscript(path: Path, digest: str, device: torch.device | str) -> LoadedModel:
+    module = _jit_load(path)
+    probe = torch.zeros((1, 1, 32, 32, 32))
+    try:
+        with torch.no_grad():
+            output = module(probe)
+    except Exception as exc:  # noqa: BLE001 - whatever the model raises, the analyst needs the cause in words
+        raise _run_failure(module, exc, probe, f"{path} (no model card beside it, so 1 channel assumed)") from None
     if not isinstance(output, torch.Tensor) or output.ndim not in (2, 5):
         raise ModelError(f"{path} has no model card and its output {getattr(output, 'shape', type(output))} is "
                          "neither (N, classes) nor (N, classes, D, H, W). Write a model card beside it.")

@@ -7,6 +7,10 @@ port. A ``cancel`` request is read by a second thread while a run is going on an
 batch; anything else waits its turn. Everything the libraries print goes to stderr so that stdout carries protocol
 lines only.
 
+The client starts the worker in its private exchange folder: every array path and ``out_dir`` of a request must lie
+inside it, and a job id names files there, so it is a plain name. A malformed request gets a ``ProtocolError``
+reply and the worker goes on.
+
 Requests (``id`` is chosen by the client and echoed in every reply):
 
 - ``{"id", "cmd": "explain", "model", "volume": {"path", "spacing", "origin", "directions"}, "method",
@@ -23,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import sys
 import threading
 import traceback
@@ -34,6 +39,11 @@ import numpy as np
 __all__ = ["Worker", "main", "PROTOCOL_VERSION"]
 
 PROTOCOL_VERSION = 1
+
+# The fields each command needs; the others have defaults.
+_REQUIRED = {"explain": ("model", "volume", "method", "out_dir"), "describe_model": ("model",), "methods": ()}
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_REGION_FIELDS = {"whole": (), "box": ("lo", "hi"), "voxel": ("ijk",), "component": ("ijk",), "mask": ("path",)}
 
 
 def save_array(array: np.ndarray, path: Path) -> str:
@@ -49,8 +59,9 @@ def save_array(array: np.ndarray, path: Path) -> str:
 class Worker:
     """Serves requests from ``inbox`` lines and writes replies to ``out``; one run at a time."""
 
-    def __init__(self, out: TextIO):
+    def __init__(self, out: TextIO, exchange: str | os.PathLike | None = None):
         self.out = out
+        self.exchange = Path(exchange or Path.cwd()).resolve()
         self._write_lock = threading.Lock()
         self._jobs: "queue.Queue[dict]" = queue.Queue()
         self._cancel: dict[str, threading.Event] = {}
@@ -72,6 +83,10 @@ class Worker:
                 request = json.loads(line)
             except json.JSONDecodeError as exc:
                 self.send({"type": "error", "error": "ProtocolError", "message": f"Bad request line: {exc}"})
+                continue
+            if not isinstance(request, dict):
+                self.send({"type": "error", "error": "ProtocolError", "message": "Bad request line: a request is "
+                           f"a JSON object with 'cmd' and 'id', got {type(request).__name__} {line[:80]}"})
                 continue
             if request.get("cmd") == "cancel":
                 self._cancel.setdefault(str(request.get("id")), threading.Event()).set()
@@ -96,11 +111,9 @@ class Worker:
         from ..errors import Cancelled, CTXAIError
 
         try:
-            command = request.get("cmd")
+            self._validate(request, job)
             handler = {"explain": self._explain, "describe_model": self._describe_model,
-                       "methods": self._methods}.get(command)
-            if handler is None:
-                raise ValueError(f"Unknown command {command!r}")
+                       "methods": self._methods}[request["cmd"]]
             result = handler(request, job, cancel)
             self.send({"id": job, "type": "result", "result": result})
         except Cancelled:
@@ -108,10 +121,59 @@ class Worker:
         except CTXAIError as exc:
             self.send({"id": job, "type": "error", "error": type(exc).__name__, "message": str(exc)})
         except Exception as exc:  # noqa: BLE001 - a bug must reach the user as a message, and the worker live on
+            traceback.print_exc(file=sys.stderr)  # the client keeps the worker's stderr as its log
             self.send({"id": job, "type": "error", "error": type(exc).__name__,
-                       "message": f"Internal error: {exc}", "traceback": traceback.format_exc()})
+                       "message": f"Internal error: {exc} (the traceback is in the worker's log)"})
         finally:
             self._cancel.pop(job, None)
+
+    def _validate(self, request: dict[str, Any], job: str) -> None:
+        from ..errors import ProtocolError
+
+        command = request.get("cmd")
+        if command not in _REQUIRED:
+            raise ProtocolError(f"Unknown command {command!r}; the worker knows {', '.join(_REQUIRED)}, cancel and "
+                                "shutdown.")
+        missing = [key for key in _REQUIRED[command] if request.get(key) is None]
+        if missing:
+            raise ProtocolError(f"Request {command!r} has no {', '.join(map(repr, missing))}. Send every field the "
+                                "protocol lists (CTXAILib/worker/server.py).")
+        if command == "explain":
+            if not _JOB_ID.fullmatch(job):
+                raise ProtocolError(f"Job id {job[:80]!r} is not a plain name (letters, digits, '_', '.', '-'): it "
+                                    "names the result files in the exchange folder.")
+            volume = request["volume"]
+            if not isinstance(volume, dict) or not {"path", "spacing", "origin", "directions"} <= volume.keys():
+                raise ProtocolError("Request 'explain' needs 'volume' as {path, spacing, origin, directions}.")
+            region = (request.get("target") or {}).get("region") or {"type": "whole"}
+            kind = region.get("type", "whole") if isinstance(region, dict) else None
+            if kind not in _REGION_FIELDS or not all(key in region for key in _REGION_FIELDS[kind]):
+                raise ProtocolError(f"Target region {region!r} is not one of: " + "; ".join(
+                    f"{{'type': {name!r}{''.join(f', {key!r}: ...' for key in keys)}}}"
+                    for name, keys in _REGION_FIELDS.items()) + ".")
+
+    def _exchange_path(self, path: str, what: str) -> Path:
+        """``path`` resolved, when it lies inside the exchange folder: the worker reads and writes nowhere else."""
+        from ..errors import ProtocolError
+
+        resolved = (self.exchange / path).resolve()
+        if not resolved.is_relative_to(self.exchange):
+            raise ProtocolError(f"{what} {path} is outside the worker's exchange folder {self.exchange}; write it "
+                                "there.")
+        return resolved
+
+    def _load_array(self, path: str, what: str) -> np.ndarray:
+        from ..engine.files import regular_file
+        from ..errors import InputError
+
+        path = regular_file(self._exchange_path(path, what), what, InputError)
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise InputError(f"{what} {path} is not a .npy array ({exc}). Write it with numpy.save.") from None
+        if not isinstance(array, np.ndarray):
+            raise InputError(f"{what} {path} holds several arrays (.npz), not one. Write it with numpy.save.")
+        return array
 
     def explainer(self, model: str, device: str = "auto", precision: str = "fp32",
                   memory_mb: float | None = None) -> tuple[Any, bool]:
@@ -156,7 +218,8 @@ class Worker:
         explainer, reused = self.explainer(request["model"], request.get("device", "auto"),
                                            request.get("precision", "fp32"), request.get("memory_mb"))
         spec = request["volume"]
-        volume = Volume(np.load(spec["path"], allow_pickle=False), spec["spacing"], spec["origin"],
+        out_dir = self._exchange_path(request["out_dir"], "Output folder")
+        volume = Volume(self._load_array(spec["path"], "Volume array"), spec["spacing"], spec["origin"],
                         spec["directions"])
         target_spec = request.get("target") or {}
         region_spec = target_spec.get("region") or {"type": "whole"}
@@ -166,7 +229,7 @@ class Worker:
         elif kind in ("voxel", "component"):
             region = (VoxelRegion if kind == "voxel" else ComponentRegion)(tuple(region_spec["ijk"]))
         elif kind == "mask":
-            region = MaskRegion(np.load(region_spec["path"], allow_pickle=False) > 0)
+            region = MaskRegion(self._load_array(region_spec["path"], "Mask array") > 0)
         else:
             region = WholeVolume()
         target = Target(target_spec.get("class"), target_spec.get("contrast"), region,
@@ -185,7 +248,6 @@ class Worker:
                                              layer=request.get("layer"), settings=request.get("settings"),
                                              seed=int(request.get("seed", 0)), progress=progress, cancel=cancel,
                                              output=request.get("output", "full"), report=report)
-        out_dir = Path(request["out_dir"])
         outputs = {"attribution": self._volume_file(result.attribution, out_dir / f"{job}-attribution.npy")}
         if result.confidence is not None:
             outputs["confidence"] = self._volume_file(result.confidence, out_dir / f"{job}-confidence.npy")

@@ -1,0 +1,35 @@
+"""Input files checked before they are opened: a device, a FIFO or a folder given as a model or a volume would
+hang a reader (``/dev/zero`` never ends) or fail deep inside it with a traceback."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from ..errors import CTXAIError
+
+__all__ = ["regular_file"]
+
+
+def regular_file(path: str | os.PathLike, what: str, error: type[CTXAIError]) -> Path:
+    """``path`` when it names an existing regular file (after links); else ``error`` saying what it is instead.
+
+    >>> regular_file("/dev", "Volume file", CTXAIError)
+    Traceback (most recent call last):
+    ...
+    CTXAILib.errors.CTXAIError: Volume file /dev is a directory, not a regular file. Give the path of the file itself.
+    """
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist. Check the path.") from None
+    except OSError as exc:
+        raise error(f"{what} {path} cannot be read ({exc.strerror}). Check the path and its permissions.") from None
+    if stat.S_ISREG(mode):
+        return path
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "not a plain file")
+    raise error(f"{what} {path} is {kind}, not a regular file. Give the path of the file itself.")
