@@ -567,3 +567,14 @@ def test_requirements_cover_the_engine_imports():
     needed = {canonical(IMPORT_TO_DISTRIBUTION.get(m, m)) for m in third_party - PROVIDED_IMPORTS - OPTIONAL_IMPORTS}
     listed = {canonical(r.name) for r in requirements()}
     assert needed <= listed, f"the engine imports {sorted(needed - listed)}, which requirements.txt does not install"
+
+
+def test_console_progress_callback_gets_the_event_object():
+    """The README's ``progressCallback=lambda e: print(f"{e.fraction:.0%}")``: the logic hands the callback the
+    session's event itself, not (fraction, message, eta) arguments."""
+    logic = gui_classes()["CTXAILogic"]
+    explain = next(n for n in logic.body if isinstance(n, ast.FunctionDef) and n.name == "explain")
+    calls = [n for n in ast.walk(explain) if isinstance(n, ast.Call) and ast.unparse(n.func) == "self.session.explain"]
+    assert calls and all(ast.unparse(k.value) == "progressCallback" for c in calls for k in c.keywords
+                         if k.arg == "progress")
+    assert "e.fraction" in (REPO / "README.md").read_text(encoding="utf-8")

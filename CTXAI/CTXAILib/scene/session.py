@@ -78,6 +78,7 @@ class ExplainSession:
         self._inputs: dict[str, Path] = {}
         self._descriptions: dict[tuple, dict] = {}
         self._methods: list[dict] | None = None
+        self._undelivered: list[SessionEvent] = []   # outcomes of runs that shutdown() ended, for the next poll
 
     # ----------------------------------------------------------------------------------------- models
     def describe_model(self, path: str, device: str = "auto") -> dict:
@@ -158,7 +159,7 @@ class ExplainSession:
 
     def poll(self) -> list[SessionEvent]:
         """Non-blocking: progress and outcomes since the last call; finished runs are added to the scene here."""
-        events = []
+        events, self._undelivered = self._undelivered, []
         for message in self.client.poll():
             job = str(message.get("id"))
             if job not in self._jobs:
@@ -168,8 +169,7 @@ class ExplainSession:
                 events.append(SessionEvent("progress", job, message["fraction"], message["message"],
                                            message.get("eta_s")))
                 continue
-            request = self._jobs.pop(job)
-            self._inputs.pop(job).unlink(missing_ok=True)
+            request = self._forget(job)
             if kind == "result":
                 try:
                     run = self._add_results(request, message["result"])
@@ -184,6 +184,11 @@ class ExplainSession:
                 events.append(SessionEvent("error", job, message=message.get("message", ""),
                                            error_type=message.get("error")))
         return events
+
+    def _forget(self, job: str) -> ExplainRequest:
+        """Release a run's bookkeeping (the session is no longer busy with it) and its input file."""
+        self._inputs.pop(job).unlink(missing_ok=True)
+        return self._jobs.pop(job)
 
     def _add_results(self, request: ExplainRequest, result: dict):
         attribution = volume_from_message(result["attribution"])
@@ -207,27 +212,34 @@ class ExplainSession:
         """
         job = self.start(request)
         cancelled = False
-        while True:
-            for event in self.poll():
-                if event.job != job:
-                    continue
-                if event.kind == "progress" and progress is not None:
-                    progress(event)
-                elif event.kind == "result":
-                    return event.run
-                elif event.kind == "cancelled":
-                    raise Cancelled(event.message)
-                elif event.kind == "error":
-                    raise WorkerError(event.error_type or "Error", event.message)
-            if not cancelled and cancel is not None and cancel.is_set():
-                self.cancel(job)
-                cancelled = True
-            if idle is not None:
-                idle()
-            time.sleep(0.02)
+        try:
+            while True:
+                for event in self.poll():
+                    if event.job != job:
+                        continue
+                    if event.kind == "progress" and progress is not None:
+                        progress(event)
+                    elif event.kind == "result":
+                        return event.run
+                    elif event.kind == "cancelled":
+                        raise Cancelled(event.message)
+                    elif event.kind == "error":
+                        raise WorkerError(event.error_type or "Error", event.message)
+                if not cancelled and cancel is not None and cancel.is_set():
+                    self.cancel(job)
+                    cancelled = True
+                if idle is not None:
+                    idle()
+                time.sleep(0.02)
+        finally:
+            # A callback or ``idle`` raised: nobody waits for this run any more, so it must not keep the session
+            # busy; the worker stops it at its next batch and its late reply is ignored.
+            if job in self._jobs:
+                self.client.cancel(job)
+                self._forget(job)
 
     def shutdown(self) -> None:
-        """Stop the worker and remove its private exchange folder."""
+        """Stop the worker and remove its private exchange folder. Runs still in flight end as cancelled or
+        with a ``WorkerStopped`` error: a blocking :meth:`explain` raises it, the next :meth:`poll` reports it."""
         self.client.stop()
-        self._jobs.clear()
-        self._inputs.clear()
+        self._undelivered += [event for event in self.poll() if event.kind != "progress"]
