@@ -4,6 +4,7 @@ polls, cooperative and forced cancel, crash recovery, a warm model, clean errors
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
 import time
@@ -11,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from CTXAILib import Cancelled
+from CTXAILib import Cancelled, CTXAIError
 from CTXAILib.worker.client import WorkerClient, WorkerError, volume_from_message, volume_message
 
 
@@ -158,9 +159,54 @@ def test_exchange_folder_is_private_and_removed(classifier_card, volume):
     client = WorkerClient()
     try:
         client.call("explain", **explain_request(client, classifier_card, volume, method="saliency"))
-        mode = stat.S_IMODE(os.stat(client.exchange).st_mode)
+        exchange = client.exchange
+        mode = stat.S_IMODE(os.stat(exchange).st_mode)
         assert mode == 0o700
-        assert list(client.exchange.glob("*.npy"))
+        assert list(exchange.glob("*.npy"))
     finally:
         client.stop()
-    assert not client.exchange.exists()
+    assert not exchange.exists()
+
+
+def test_exchange_stays_private_after_a_restart(classifier_card, volume):
+    """Scene close stops the worker; the next run writes its input before the worker starts again."""
+    client = WorkerClient()
+    try:
+        client.call("methods")
+        client.stop()
+        request = explain_request(client, classifier_card, volume, method="saliency")
+        result = client.call("explain", **request)
+        assert stat.S_IMODE(os.stat(client.exchange).st_mode) == 0o700
+        for path in (request["volume"]["path"], result["attribution"]["path"]):
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+        os.chmod(client.exchange, 0o755)
+        with pytest.raises(CTXAIError, match="no longer private"):
+            client.exchange
+    finally:
+        os.chmod(client._exchange, 0o700)
+        client.stop()
+
+
+def test_next_start_removes_exchange_folders_whose_worker_is_gone():
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale, live, unstarted = (Path(tempfile.mkdtemp(prefix="ctxai-")) for _ in range(3))
+    (stale / "owner.json").write_text(json.dumps({"client": gone.pid, "worker": gone.pid}))
+    (stale / "input-1.npy").write_bytes(b"a scan")
+    (live / "owner.json").write_text(json.dumps({"client": os.getpid(), "worker": gone.pid}))
+    client = WorkerClient()
+    try:
+        client.call("methods")
+        assert not stale.exists()
+        assert live.exists() and unstarted.exists(), "folders of running clients are theirs"
+        assert json.loads((client.exchange / "owner.json").read_text())["worker"] == client.process.pid
+    finally:
+        client.stop()
+        for folder in (live, unstarted):
+            shutil.rmtree(folder)
