@@ -132,10 +132,12 @@ class WorkerClient:
         environment["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, environment.get("PYTHONPATH")) if p)
         environment.setdefault("PYTHONUNBUFFERED", "1")
         self._remove_stale_exchanges()
-        posix = {"start_new_session": True, "umask": 0o077} if os.name == "posix" else {}  # worker's files: 0600
+        # Undecodable bytes (a library's message in the console's code page) must not stop a reader: a full
+        # stderr pipe would block the worker.
         self.process = subprocess.Popen(
             self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            bufsize=1, env=environment, cwd=self.exchange, **posix)
+            encoding="utf-8", errors="replace", bufsize=1, env=environment, cwd=self.exchange,
+            **_process_options(own_group=True))
         self._write_owners()
         self.starts += 1
         self._replies = queue.Queue()
@@ -182,7 +184,8 @@ class WorkerClient:
             if os.name == "posix":
                 os.killpg(self.process.pid, signal.SIGKILL)
             else:
-                subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)], capture_output=True)
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)], capture_output=True,
+                               **_process_options())
         except (ProcessLookupError, PermissionError):
             pass
         self.process.wait()
@@ -280,6 +283,21 @@ class WorkerClient:
 
     def stderr_tail(self) -> str:
         return "\n".join(self._stderr)
+
+
+def _process_options(own_group: bool = False) -> dict[str, Any]:
+    """Popen options for the worker (``own_group``: its own process tree, files private) and its helpers.
+
+    On Windows no console window, as Slicer's ``slicer.util.launchConsoleProcess`` starts processes: a console
+    would appear beside Slicer, and closing it would kill the worker."""
+    if os.name == "nt":
+        info = subprocess.STARTUPINFO()
+        info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
+        info.wShowWindow = 0  # SW_HIDE
+        return {"startupinfo": info, "creationflags": subprocess.CREATE_NO_WINDOW}
+    # A session of its own lets kill() end the worker with what it started (PythonSlicer is a launcher); the
+    # umask makes every file the worker writes 0600.
+    return {"start_new_session": True, "umask": 0o077} if own_group else {}
 
 
 def _process_alive(pid: int) -> bool:
