@@ -239,7 +239,13 @@ class ExplainSession:
                 self._forget(job)
 
     def shutdown(self) -> None:
-        """Stop the worker and remove its private exchange folder. Runs still in flight end as cancelled or
-        with a ``WorkerStopped`` error: a blocking :meth:`explain` raises it, the next :meth:`poll` reports it."""
+        """Stop the worker and remove its private exchange folder. Runs still in flight end with a
+        ``WorkerStopped`` error: a blocking :meth:`explain` raises it, the next :meth:`poll` reports it."""
         self.client.stop()
-        self._undelivered += [event for event in self.poll() if event.kind != "progress"]
+        # Reported here rather than by polling the client: a blocking describe_model() on another thread (the
+        # panel's model loader) must get its own "worker stopped" reply.
+        for job in list(self._jobs):
+            self._forget(job)
+            self._undelivered.append(SessionEvent("error", job, message="The CTXAI worker was stopped before this "
+                                                  "run finished (scene closed or module reloaded); the scene is "
+                                                  "unchanged.", error_type="WorkerStopped"))
