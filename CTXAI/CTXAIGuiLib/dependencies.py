@@ -19,7 +19,8 @@ from pathlib import Path
 import slicer
 from slicer.i18n import tr as _
 
-TORCH_REQUIREMENT = ">=2.1"
+# captum 0.9 (the first release that allows numpy 2, which Slicer >= 5.10 ships) needs torch 2.3.
+TORCH_REQUIREMENT = ">=2.3"
 # Slicer's own packages (and the torch the PyTorch extension chose): pinned while pip installs requirements.txt.
 PINNED_PACKAGES = ("numpy", "SimpleITK", "vtk", "torch")
 
@@ -125,7 +126,11 @@ def pipInstall(missing: list) -> None:
         except ImportError:
             slicerPackaging = None
         if slicerPackaging is not None:
-            slicerPackaging.pip_ensure(missing, constraints=str(constraints), requester="CTXAI")
+            try:
+                slicerPackaging.pip_ensure(missing, constraints=str(constraints), requester="CTXAI")
+            except RuntimeError as exc:  # the user declined, or another installation is running
+                raise CTXAIError(_("The Python packages were not installed, so CTXAI cannot run: {packages} "
+                                   "({reason}).").format(packages=", ".join(missing), reason=exc)) from exc
         elif not slicer.util.confirmOkCancelDisplay(
                 _("CTXAI needs {count} Python package(s) in Slicer's Python environment. Install them now?")
                 .format(count=len(missing)), _("CTXAI - Install Python Packages"), detailedText="\n".join(missing)):

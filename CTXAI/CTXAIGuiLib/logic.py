@@ -38,6 +38,8 @@ class CTXAILogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self._session = None
         self._workerCalls = 0
+        # The worker must not outlive Slicer, also when the panel was never opened (console use only).
+        slicer.app.connect("aboutToQuit()", self.shutdown)
 
     def getParameterNode(self):
         return CTXAIParameterNode(super().getParameterNode())

@@ -149,8 +149,9 @@ class CTXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self):
         self.setParameterNode(self.logic.getParameterNode())
         if self._parameterNode.inputVolume is None:
+            # getNodesByClass also returns subclasses: label maps are not CT volumes.
             volumes = [node for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
-                       if node.GetAttribute("CTXAI.role") is None]
+                       if node.GetAttribute("CTXAI.role") is None and not node.IsA("vtkMRMLLabelMapVolumeNode")]
             if volumes:
                 self._parameterNode.inputVolume = volumes[0]
 

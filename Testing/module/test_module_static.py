@@ -578,3 +578,33 @@ def test_console_progress_callback_gets_the_event_object():
     assert calls and all(ast.unparse(k.value) == "progressCallback" for c in calls for k in c.keywords
                          if k.arg == "progress")
     assert "e.fraction" in (REPO / "README.md").read_text(encoding="utf-8")
+
+
+def test_module_declares_the_modules_it_uses():
+    source = MODULE_PY.read_text(encoding="utf-8")
+    declared = re.search(r"self\.parent\.dependencies = \[(.*?)\]", source).group(1)
+    assert {"Markups", "SubjectHierarchy", "VolumeRendering"} <= set(re.findall(r'"(\w+)"', declared))
+
+
+def test_logic_stops_the_worker_when_slicer_quits_without_a_panel():
+    logic = gui_classes()["CTXAILogic"]
+    init = next(n for n in logic.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+    assert 'slicer.app.connect("aboutToQuit()", self.shutdown)' in ast.unparse(init).replace("'", '"')
+
+
+def test_panel_never_preselects_a_label_map_as_input():
+    widget = gui_classes()["CTXAIWidget"]
+    initialize = next(n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == "initializeParameterNode")
+    assert "IsA('vtkMRMLLabelMapVolumeNode')" in ast.unparse(initialize)
+    selector = ui_widgets()["inputVolumeSelector"]
+    shows_children = next(p for p in selector.iter("property") if p.get("name") == "showChildNodeTypes")
+    assert shows_children.find("bool").text == "false"
+
+
+def test_requirement_ranges_match_what_slicer_ships():
+    """captum 0.8 needs numpy<2, which Slicer >= 5.10 does not ship; captum 0.9 needs torch >= 2.3."""
+    captum = next(r for r in requirements() if canonical(r.name) == "captum")
+    assert not captum.specifier.contains("0.8.0")
+    source = (GUI_LIB_DIR / "dependencies.py").read_text(encoding="utf-8")
+    torch = Requirement("torch" + re.search(r'TORCH_REQUIREMENT = "(.*?)"', source).group(1))
+    assert not torch.specifier.contains("2.2.2") and torch.specifier.contains("2.3.0")

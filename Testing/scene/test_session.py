@@ -166,3 +166,13 @@ def test_a_failing_callback_does_not_block_later_runs(session, slicer_app, volum
     run = session.explain(ExplainRequest(ct.GetID(), str(classifier_card), "saliency", "pore", device="cpu"))
     assert slicer_app.scene.GetNodeByID(run.attribution) is not None
     assert not list(session.client.exchange.glob("input-*.npy")), "the abandoned run's input was left behind"
+
+
+def test_a_label_map_is_not_an_input(session, slicer_app, volume, unet_card):
+    from CTXAILib import InputError
+
+    labels = add_volume_node(slicer_app.scene, volume.with_array((volume.array > 0).astype(np.uint8)), "mask",
+                             cls="vtkMRMLLabelMapVolumeNode")
+    with pytest.raises(InputError, match="is a label map, not a CT volume"):
+        session.start(ExplainRequest(labels.GetID(), str(unet_card), "gradcam"))
+    assert not session.busy

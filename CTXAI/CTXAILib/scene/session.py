@@ -131,6 +131,9 @@ class ExplainSession:
     def start(self, request: ExplainRequest) -> str:
         """Check the request against the scene and send it to the worker; returns the job id at once."""
         volume_node = self._node(request.input_volume, "input volume", "Pick the CT volume to explain.")
+        if volume_node.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise InputError(f"{volume_node.GetName()!r} is a label map, not a CT volume. Pick the CT volume to "
+                             "explain.")
         if not request.model:
             raise InputError("No model is selected. Pick a model card (.json) or a TorchScript file.")
         region = self._region(request, volume_node)
