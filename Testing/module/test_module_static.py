@@ -42,9 +42,9 @@ PROVIDED_IMPORTS = {"numpy", "SimpleITK", "vtk", "slicer", "torch", "qt", "ctk"}
 OPTIONAL_IMPORTS = {"monai"}
 IMPORT_TO_DISTRIBUTION = {"skimage": "scikit-image", "sklearn": "scikit-learn"}
 # The only CTXAILib modules the Slicer process may import (none of them imports torch), as paths below CTXAILib;
-# the phantom generator only in the self-test.
+# the phantom generator and the volume class (torch-free: the bridge uses it) only in the self-test.
 GUI_ENGINE_MODULES = {"errors", "scene.bridge", "scene.session", "synthetic.evaluation", "worker.client"}
-TEST_ENGINE_MODULES = {"synthetic.phantom"}
+TEST_ENGINE_MODULES = {"synthetic.phantom", "engine.geometry"}
 # The classes looked up by name in the module file's namespace: CTXAI and CTXAIWidget by Slicer's C++
 # (qSlicerScriptedLoadableModule[Widget]::setPythonSource, also on Reload), CTXAITest by
 # ScriptedLoadableModule.runTest and slicer.testing.runUnitTest (ctest), CTXAILogic by other modules and the console.
@@ -608,3 +608,16 @@ def test_requirement_ranges_match_what_slicer_ships():
     source = (GUI_LIB_DIR / "dependencies.py").read_text(encoding="utf-8")
     torch = Requirement("torch" + re.search(r'TORCH_REQUIREMENT = "(.*?)"', source).group(1))
     assert not torch.specifier.contains("2.2.2") and torch.specifier.contains("2.3.0")
+
+
+def test_self_test_skips_model_runs_without_dependencies_and_always_runs_the_rest():
+    """Under testing Slicer installs nothing (5.12+) or auto-accepts the install (5.8, 5.10): without torch the
+    model runs are skipped with a message, never installed, and the worker-free checks still run."""
+    run_test = next(n for n in gui_classes()["CTXAITest"].body
+                    if isinstance(n, ast.FunctionDef) and n.name == "runTest")
+    order = [ast.unparse(n) for n in ast.walk(run_test) if isinstance(n, ast.Call)]
+    first_check = next(i for i, call in enumerate(order) if call.endswith("missingDependencies()"))
+    assert "self.test_RunNodesWithoutWorker()" in order[:first_check]
+    skip = next(n for n in ast.walk(run_test) if isinstance(n, ast.If) and ast.unparse(n.test) == "missing")
+    assert isinstance(skip.body[-1], ast.Return) and "self.delayDisplay(message)" in ast.unparse(skip)
+    assert "ensureDependencies" not in ast.unparse(gui_classes()["CTXAITest"])
