@@ -76,7 +76,7 @@ class CTXAILogic(ScriptedLoadableModuleLogic):
         return missingRequirements(self._requirementsFile())
 
     def ensureDependencies(self):
-        """Install what the worker needs, asking first: torch through the PyTorch extension, then the pip
+        """Install what the worker needs, asking first: torch (in a PythonSlicer process), then the pip
         requirements. Slicer's numpy, SimpleITK and vtk (and the installed torch) are pinned while pip runs."""
         ensureRequirements(self._requirementsFile())
 
