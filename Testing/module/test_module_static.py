@@ -621,3 +621,15 @@ def test_self_test_skips_model_runs_without_dependencies_and_always_runs_the_res
     skip = next(n for n in ast.walk(run_test) if isinstance(n, ast.If) and ast.unparse(n.test) == "missing")
     assert isinstance(skip.body[-1], ast.Return) and "self.delayDisplay(message)" in ast.unparse(skip)
     assert "ensureDependencies" not in ast.unparse(gui_classes()["CTXAITest"])
+
+
+def test_model_paths_are_kept_in_the_history_and_questions_get_no_wait_cursor():
+    """ctkPathLineEdit's settingKey stores only paths added by addCurrentPathToHistory(); the install questions
+    asked on Explain must not appear under a busy cursor."""
+    widget = gui_classes()["CTXAIWidget"]
+    source = ast.unparse(widget)
+    assert "self.ui.modelPathLineEdit.addCurrentPathToHistory()" in source
+    on_explain = next(n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == "onExplainButton")
+    call = next(n for n in ast.walk(on_explain) if isinstance(n, ast.Call)
+                and ast.unparse(n.func) == "self._runWithErrorDisplay")
+    assert any(k.arg == "waitCursor" and ast.unparse(k.value) == "False" for k in call.keywords)
