@@ -30,7 +30,7 @@ class CTXAI(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("CTXAI")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Quantification")]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["Markups", "SubjectHierarchy", "VolumeRendering"]
         self.parent.contributors = ["CTXAI engineering"]
         self.parent.helpText = _("""
 Explains what a 3-D deep-learning model saw when it flagged a defect in an industrial CT volume.

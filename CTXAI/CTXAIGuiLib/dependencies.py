@@ -1,7 +1,8 @@
 """The worker's Python packages inside Slicer: find PythonSlicer, check what is missing, install it on request.
 
 Checks read package metadata only, so nothing (torch above all) is imported into Slicer's process. Installation
-happens on the first Explain, never at start-up: torch through the PyTorch extension (which picks the CUDA build),
+happens on the first Explain, never at start-up: torch by light-the-torch in a PythonSlicer process (the PyTorch
+extension's way of picking the CUDA build, without importing torch here),
 the rest of ``Resources/requirements.txt`` with ``slicer.packaging.pip_ensure`` where it exists (Slicer >= 5.12),
 else after one confirmation with ``slicer.util.pip_install``.
 
@@ -19,8 +20,10 @@ from pathlib import Path
 import slicer
 from slicer.i18n import tr as _
 
-TORCH_REQUIREMENT = ">=2.1"
-# Slicer's own packages (and the torch the PyTorch extension chose): pinned while pip installs requirements.txt.
+# captum 0.9 (the first release that allows numpy 2, which Slicer >= 5.10 ships) needs torch 2.3.
+TORCH_REQUIREMENT = ">=2.3"
+LIGHT_THE_TORCH = "light-the-torch>=0.5"  # what the PyTorch extension installs torch with
+# Slicer's own packages (and the torch installed before): pinned while pip installs requirements.txt.
 PINNED_PACKAGES = ("numpy", "SimpleITK", "vtk", "torch")
 
 
@@ -69,7 +72,7 @@ def missingRequirements(path: Path) -> list:
 
 
 def ensureRequirements(path: Path) -> None:
-    """Install what the worker needs, asking first: torch through the PyTorch extension, then the pip requirements.
+    """Install what the worker needs, asking first: torch (:func:`installTorch`), then the pip requirements.
 
     :raises CTXAILib.errors.CTXAIError: the user declined, or something is still missing afterwards.
     """
@@ -88,18 +91,28 @@ def ensureRequirements(path: Path) -> None:
 
 
 def installTorch() -> None:
-    """torch through the PyTorch extension's PyTorchUtils (it asks first and picks the CUDA build)."""
+    """torch for the worker, chosen as the PyTorch extension chooses it (light-the-torch picks the CUDA build for
+    the NVIDIA driver, else the CPU build), installed by a PythonSlicer process after asking.
+
+    Not through ``PyTorchUtilsLogic().installTorch``: it ends with ``import torch``, and Slicer's own process must
+    never load torch (only the worker does). A specific build can still be chosen first in the PyTorch Utils module.
+    """
+    from packaging.requirements import Requirement
+
     from CTXAILib.errors import CTXAIError
 
-    try:
-        import PyTorchUtils
-    except ModuleNotFoundError as exc:
-        raise CTXAIError(_("CTXAI needs the PyTorch extension to install PyTorch. Install 'PyTorch' from "
-                           "the Extensions Manager, restart Slicer and press Explain again.")) from exc
-    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True,
-                                                           torchVersionRequirement=TORCH_REQUIREMENT)
-    if torch is None:
+    if slicer.app.testingEnabled():
+        raise CTXAIError(_("PyTorch is not installed, and nothing is installed while Slicer runs tests."))
+    arguments = ["install", "torch" + TORCH_REQUIREMENT]
+    if not slicer.util.confirmOkCancelDisplay(
+            _("CTXAI needs PyTorch. It will be downloaded and installed with light-the-torch, which picks the build "
+              "for this computer's NVIDIA driver (or the CPU build); this can take some minutes. Install it now?"),
+            _("CTXAI - Install PyTorch"), detailedText="ltt " + " ".join(arguments)):
         raise CTXAIError(_("PyTorch was not installed, so CTXAI cannot run. Press Explain to try again."))
+    if not isSatisfied(Requirement(LIGHT_THE_TORCH)):
+        slicer.util.pip_install(LIGHT_THE_TORCH)
+    process = slicer.util.launchConsoleProcess([pythonSlicerExecutable(), "-m", "light_the_torch", *arguments])
+    slicer.util.logProcessOutput(process)
 
 
 def pinnedConstraints() -> str:
@@ -125,7 +138,11 @@ def pipInstall(missing: list) -> None:
         except ImportError:
             slicerPackaging = None
         if slicerPackaging is not None:
-            slicerPackaging.pip_ensure(missing, constraints=str(constraints), requester="CTXAI")
+            try:
+                slicerPackaging.pip_ensure(missing, constraints=str(constraints), requester="CTXAI")
+            except RuntimeError as exc:  # the user declined, or another installation is running
+                raise CTXAIError(_("The Python packages were not installed, so CTXAI cannot run: {packages} "
+                                   "({reason}).").format(packages=", ".join(missing), reason=exc)) from exc
         elif not slicer.util.confirmOkCancelDisplay(
                 _("CTXAI needs {count} Python package(s) in Slicer's Python environment. Install them now?")
                 .format(count=len(missing)), _("CTXAI - Install Python Packages"), detailedText="\n".join(missing)):

@@ -38,6 +38,8 @@ class CTXAILogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self._session = None
         self._workerCalls = 0
+        # The worker must not outlive Slicer, also when the panel was never opened (console use only).
+        slicer.app.connect("aboutToQuit()", self.shutdown)
 
     def getParameterNode(self):
         return CTXAIParameterNode(super().getParameterNode())
@@ -74,7 +76,7 @@ class CTXAILogic(ScriptedLoadableModuleLogic):
         return missingRequirements(self._requirementsFile())
 
     def ensureDependencies(self):
-        """Install what the worker needs, asking first: torch through the PyTorch extension, then the pip
+        """Install what the worker needs, asking first: torch (in a PythonSlicer process), then the pip
         requirements. Slicer's numpy, SimpleITK and vtk (and the installed torch) are pinned while pip runs."""
         ensureRequirements(self._requirementsFile())
 
@@ -157,7 +159,9 @@ class CTXAILogic(ScriptedLoadableModuleLogic):
         :param device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ``precision``: fp32, bf16 or fp16.
         :param blocking: wait for the result (the GUI stays alive) and return its
             :class:`CTXAILib.scene.bridge.RunNodes`; False: return the job id at once (follow it with :meth:`poll`).
-        :param progressCallback: ``progressCallback(fraction, message, etaSeconds)`` while blocking.
+        :param progressCallback: called while blocking with each progress event
+            (:class:`CTXAILib.scene.session.SessionEvent`: ``fraction`` 0-1, ``message``, ``eta_s`` or None),
+            e.g. ``progressCallback=lambda e: print(f"{e.fraction:.0%}")``.
         :param display: output options ``opacity`` (0-1), ``topPercent`` (label map, 0.1-100), ``colormap``
             (auto, heat, diverging), ``render3d`` (bool).
         :raises CTXAILib.errors.CTXAIError: what went wrong and how to fix it; a failed run adds no node.
@@ -185,11 +189,7 @@ class CTXAILogic(ScriptedLoadableModuleLogic):
             precision=precision, seed=seed, **{DISPLAY_OPTIONS[name]: value for name, value in display.items()})
         if not blocking:
             return self.session.start(request)
-        progress = None
-        if progressCallback is not None:
-            def progress(event):
-                progressCallback(event.fraction, event.message, event.eta_s)
-        return self.session.explain(request, progress=progress, idle=slicer.app.processEvents)
+        return self.session.explain(request, progress=progressCallback, idle=slicer.app.processEvents)
 
     def poll(self) -> list:
         """Progress and outcomes of non-blocking runs since the last call; finished runs are added to the scene."""

@@ -149,8 +149,9 @@ class CTXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self):
         self.setParameterNode(self.logic.getParameterNode())
         if self._parameterNode.inputVolume is None:
+            # getNodesByClass also returns subclasses: label maps are not CT volumes.
             volumes = [node for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
-                       if node.GetAttribute("CTXAI.role") is None]
+                       if node.GetAttribute("CTXAI.role") is None and not node.IsA("vtkMRMLLabelMapVolumeNode")]
             if volumes:
                 self._parameterNode.inputVolume = volumes[0]
 
@@ -289,6 +290,8 @@ class CTXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else:
                 self._setStatus(f"{message} {describeError(result['error'])}", error=True)
             return
+        # ctkPathLineEdit's settingKey keeps only the paths added explicitly: remember the models that loaded.
+        self.ui.modelPathLineEdit.addCurrentPathToHistory()
         card = self._description["card"]
         self._setStatus(_("Model {name} is ready ({task}).").format(name=card.get("name", ""), task=card.get("task")))
         if self._needsLoading():
@@ -372,7 +375,8 @@ class CTXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setStatus(_("Cancelling: the worker stops at its next batch, or is stopped within 10 s."))
             self.ui.explainButton.enabled = False
             return
-        self._runWithErrorDisplay(_("Could not start the explanation."), self._startExplain)
+        # No wait cursor: installing the dependencies asks first, and a busy cursor over a question misleads.
+        self._runWithErrorDisplay(_("Could not start the explanation."), self._startExplain, waitCursor=False)
 
     def _startExplain(self):
         self.logic.ensureDependencies()
@@ -515,10 +519,10 @@ class CTXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._setStatus(text, error=True)
         slicer.util.errorDisplay(text, windowTitle=_("CTXAI"))
 
-    def _runWithErrorDisplay(self, message, function):
+    def _runWithErrorDisplay(self, message, function, waitCursor=True):
         """Run ``function``; an error goes to a dialog (tryWithErrorDisplay) and to the status line."""
         try:
-            with slicer.util.tryWithErrorDisplay(message, waitCursor=True):
+            with slicer.util.tryWithErrorDisplay(message, waitCursor=waitCursor):
                 function()
         except Exception as exc:  # already shown in the dialog; keep it visible in the panel too
             self._setStatus(f"{message} {describeError(exc)}", error=True)

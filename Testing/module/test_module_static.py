@@ -42,9 +42,9 @@ PROVIDED_IMPORTS = {"numpy", "SimpleITK", "vtk", "slicer", "torch", "qt", "ctk"}
 OPTIONAL_IMPORTS = {"monai"}
 IMPORT_TO_DISTRIBUTION = {"skimage": "scikit-image", "sklearn": "scikit-learn"}
 # The only CTXAILib modules the Slicer process may import (none of them imports torch), as paths below CTXAILib;
-# the phantom generator only in the self-test.
+# the phantom generator and the volume class (torch-free: the bridge uses it) only in the self-test.
 GUI_ENGINE_MODULES = {"errors", "scene.bridge", "scene.session", "synthetic.evaluation", "worker.client"}
-TEST_ENGINE_MODULES = {"synthetic.phantom"}
+TEST_ENGINE_MODULES = {"synthetic.phantom", "engine.geometry"}
 # The classes looked up by name in the module file's namespace: CTXAI and CTXAIWidget by Slicer's C++
 # (qSlicerScriptedLoadableModule[Widget]::setPythonSource, also on Reload), CTXAITest by
 # ScriptedLoadableModule.runTest and slicer.testing.runUnitTest (ctest), CTXAILogic by other modules and the console.
@@ -567,3 +567,69 @@ def test_requirements_cover_the_engine_imports():
     needed = {canonical(IMPORT_TO_DISTRIBUTION.get(m, m)) for m in third_party - PROVIDED_IMPORTS - OPTIONAL_IMPORTS}
     listed = {canonical(r.name) for r in requirements()}
     assert needed <= listed, f"the engine imports {sorted(needed - listed)}, which requirements.txt does not install"
+
+
+def test_console_progress_callback_gets_the_event_object():
+    """The README's ``progressCallback=lambda e: print(f"{e.fraction:.0%}")``: the logic hands the callback the
+    session's event itself, not (fraction, message, eta) arguments."""
+    logic = gui_classes()["CTXAILogic"]
+    explain = next(n for n in logic.body if isinstance(n, ast.FunctionDef) and n.name == "explain")
+    calls = [n for n in ast.walk(explain) if isinstance(n, ast.Call) and ast.unparse(n.func) == "self.session.explain"]
+    assert calls and all(ast.unparse(k.value) == "progressCallback" for c in calls for k in c.keywords
+                         if k.arg == "progress")
+    assert "e.fraction" in (REPO / "README.md").read_text(encoding="utf-8")
+
+
+def test_module_declares_the_modules_it_uses():
+    source = MODULE_PY.read_text(encoding="utf-8")
+    declared = re.search(r"self\.parent\.dependencies = \[(.*?)\]", source).group(1)
+    assert {"Markups", "SubjectHierarchy", "VolumeRendering"} <= set(re.findall(r'"(\w+)"', declared))
+
+
+def test_logic_stops_the_worker_when_slicer_quits_without_a_panel():
+    logic = gui_classes()["CTXAILogic"]
+    init = next(n for n in logic.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+    assert 'slicer.app.connect("aboutToQuit()", self.shutdown)' in ast.unparse(init).replace("'", '"')
+
+
+def test_panel_never_preselects_a_label_map_as_input():
+    widget = gui_classes()["CTXAIWidget"]
+    initialize = next(n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == "initializeParameterNode")
+    assert "IsA('vtkMRMLLabelMapVolumeNode')" in ast.unparse(initialize)
+    selector = ui_widgets()["inputVolumeSelector"]
+    shows_children = next(p for p in selector.iter("property") if p.get("name") == "showChildNodeTypes")
+    assert shows_children.find("bool").text == "false"
+
+
+def test_requirement_ranges_match_what_slicer_ships():
+    """captum 0.8 needs numpy<2, which Slicer >= 5.10 does not ship; captum 0.9 needs torch >= 2.3."""
+    captum = next(r for r in requirements() if canonical(r.name) == "captum")
+    assert not captum.specifier.contains("0.8.0")
+    source = (GUI_LIB_DIR / "dependencies.py").read_text(encoding="utf-8")
+    torch = Requirement("torch" + re.search(r'TORCH_REQUIREMENT = "(.*?)"', source).group(1))
+    assert not torch.specifier.contains("2.2.2") and torch.specifier.contains("2.3.0")
+
+
+def test_self_test_skips_model_runs_without_dependencies_and_always_runs_the_rest():
+    """Under testing Slicer installs nothing (5.12+) or auto-accepts the install (5.8, 5.10): without torch the
+    model runs are skipped with a message, never installed, and the worker-free checks still run."""
+    run_test = next(n for n in gui_classes()["CTXAITest"].body
+                    if isinstance(n, ast.FunctionDef) and n.name == "runTest")
+    order = [ast.unparse(n) for n in ast.walk(run_test) if isinstance(n, ast.Call)]
+    first_check = next(i for i, call in enumerate(order) if call.endswith("missingDependencies()"))
+    assert "self.test_RunNodesWithoutWorker()" in order[:first_check]
+    skip = next(n for n in ast.walk(run_test) if isinstance(n, ast.If) and ast.unparse(n.test) == "missing")
+    assert isinstance(skip.body[-1], ast.Return) and "self.delayDisplay(message)" in ast.unparse(skip)
+    assert "ensureDependencies" not in ast.unparse(gui_classes()["CTXAITest"])
+
+
+def test_model_paths_are_kept_in_the_history_and_questions_get_no_wait_cursor():
+    """ctkPathLineEdit's settingKey stores only paths added by addCurrentPathToHistory(); the install questions
+    asked on Explain must not appear under a busy cursor."""
+    widget = gui_classes()["CTXAIWidget"]
+    source = ast.unparse(widget)
+    assert "self.ui.modelPathLineEdit.addCurrentPathToHistory()" in source
+    on_explain = next(n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == "onExplainButton")
+    call = next(n for n in ast.walk(on_explain) if isinstance(n, ast.Call)
+                and ast.unparse(n.func) == "self._runWithErrorDisplay")
+    assert any(k.arg == "waitCursor" and ast.unparse(k.value) == "False" for k in call.keywords)

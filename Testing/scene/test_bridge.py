@@ -236,3 +236,28 @@ def test_remove_run(slicer_app):
     assert scene.GetNodeByID(second.attribution) is None and scene.GetNodeByID(second.volume_rendering) is None
     assert scene.GetNodeByID(first.attribution) is not None
     assert [run.attribution for run in find_runs(scene)] == [first.attribution]
+
+
+def test_runs_point_at_their_own_nodes_after_a_scene_import(slicer_app):
+    """Importing a saved scene into a non-empty one renames clashing IDs; the runs must follow their nodes."""
+    import slicer
+
+    scene = slicer_app.scene
+    node = add_volume_node(scene, oblique_ct())
+    add_run(scene, node, attribution_like(volume_from_node(node)), EXPLANATION,
+            volume_rendering_logic=slicer_app.vr_logic)
+    scene.SetSaveToXMLString(1)
+    scene.Commit()
+    saved = scene.GetSceneXMLString()
+    scene.SetLoadFromXMLString(1)
+    scene.SetSceneXMLString(saved)
+    scene.Import()  # the same nodes again: every ID clashes
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    runs = find_runs(scene)
+    assert len(runs) == 2
+    assert len({run.table for run in runs}) == 2 and len({run.labels for run in runs}) == 2
+    for run in runs:
+        for node_id in (run.attribution, run.labels, run.table):
+            assert sh.GetItemParent(sh.GetItemByDataNode(scene.GetNodeByID(node_id))) == run.folder
+        assert scene.GetNodeByID(run.volume_rendering).GetVolumeNode().GetID() == run.attribution
+    assert runs[0].input != runs[1].input

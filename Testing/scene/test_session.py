@@ -132,3 +132,47 @@ def test_model_description_comes_from_the_worker(session, unet_card):
     assert description["card"]["class_names"] == ["background", "defect"]
     assert session.describe_model(str(unet_card), "cpu") is description  # cached per file version
     assert any(m["name"] == "confidence" and m["segmentation_only"] for m in session.methods())
+
+
+def test_stopping_the_worker_ends_a_blocking_explain(session, slicer_app, volume, classifier_card):
+    """Scene close, module reload and widget cleanup stop the worker while the console waits in explain()."""
+    ct = add_volume_node(slicer_app.scene, volume)
+    stopped_at = []
+
+    def idle():
+        if session.busy and not stopped_at:
+            stopped_at.append(time.monotonic())
+            session.shutdown()
+        assert not stopped_at or time.monotonic() - stopped_at[0] < 30, "explain() never returned"
+
+    with pytest.raises(WorkerError) as info:
+        session.explain(ExplainRequest(ct.GetID(), str(classifier_card), "integrated_gradients", "pore",
+                                       settings={"steps": 1024}, device="cpu"), idle=idle)
+    assert info.value.kind == "WorkerStopped"
+    assert not session.busy and session.poll() == []
+
+
+def test_a_failing_callback_does_not_block_later_runs(session, slicer_app, volume, classifier_card):
+    ct = add_volume_node(slicer_app.scene, volume)
+    request = ExplainRequest(ct.GetID(), str(classifier_card), "integrated_gradients", "pore",
+                             settings={"steps": 256}, device="cpu")
+
+    def broken(event):
+        raise ZeroDivisionError("a console callback's own bug")
+
+    with pytest.raises(ZeroDivisionError):
+        session.explain(request, progress=broken)
+    assert not session.busy
+    run = session.explain(ExplainRequest(ct.GetID(), str(classifier_card), "saliency", "pore", device="cpu"))
+    assert slicer_app.scene.GetNodeByID(run.attribution) is not None
+    assert not list(session.client.exchange.glob("input-*.npy")), "the abandoned run's input was left behind"
+
+
+def test_a_label_map_is_not_an_input(session, slicer_app, volume, unet_card):
+    from CTXAILib import InputError
+
+    labels = add_volume_node(slicer_app.scene, volume.with_array((volume.array > 0).astype(np.uint8)), "mask",
+                             cls="vtkMRMLLabelMapVolumeNode")
+    with pytest.raises(InputError, match="is a label map, not a CT volume"):
+        session.start(ExplainRequest(labels.GetID(), str(unet_card), "gradcam"))
+    assert not session.busy

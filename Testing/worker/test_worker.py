@@ -4,6 +4,7 @@ polls, cooperative and forced cancel, crash recovery, a warm model, clean errors
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
 import time
@@ -11,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from CTXAILib import Cancelled
+from CTXAILib import Cancelled, CTXAIError
 from CTXAILib.worker.client import WorkerClient, WorkerError, volume_from_message, volume_message
 
 
@@ -158,9 +159,128 @@ def test_exchange_folder_is_private_and_removed(classifier_card, volume):
     client = WorkerClient()
     try:
         client.call("explain", **explain_request(client, classifier_card, volume, method="saliency"))
-        mode = stat.S_IMODE(os.stat(client.exchange).st_mode)
+        exchange = client.exchange
+        mode = stat.S_IMODE(os.stat(exchange).st_mode)
         assert mode == 0o700
-        assert list(client.exchange.glob("*.npy"))
+        assert list(exchange.glob("*.npy"))
     finally:
         client.stop()
-    assert not client.exchange.exists()
+    assert not exchange.exists()
+
+
+def test_exchange_stays_private_after_a_restart(classifier_card, volume):
+    """Scene close stops the worker; the next run writes its input before the worker starts again."""
+    client = WorkerClient()
+    try:
+        client.call("methods")
+        client.stop()
+        request = explain_request(client, classifier_card, volume, method="saliency")
+        result = client.call("explain", **request)
+        assert stat.S_IMODE(os.stat(client.exchange).st_mode) == 0o700
+        for path in (request["volume"]["path"], result["attribution"]["path"]):
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+        os.chmod(client.exchange, 0o755)
+        with pytest.raises(CTXAIError, match="no longer private"):
+            client.exchange
+    finally:
+        os.chmod(client._exchange, 0o700)
+        client.stop()
+
+
+def test_next_start_removes_exchange_folders_whose_worker_is_gone():
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale, live, unstarted = (Path(tempfile.mkdtemp(prefix="ctxai-")) for _ in range(3))
+    (stale / "owner.json").write_text(json.dumps({"client": gone.pid, "worker": gone.pid}))
+    (stale / "input-1.npy").write_bytes(b"a scan")
+    (live / "owner.json").write_text(json.dumps({"client": os.getpid(), "worker": gone.pid}))
+    client = WorkerClient()
+    try:
+        client.call("methods")
+        assert not stale.exists()
+        assert live.exists() and unstarted.exists(), "folders of running clients are theirs"
+        assert json.loads((client.exchange / "owner.json").read_text())["worker"] == client.process.pid
+    finally:
+        client.stop()
+        for folder in (live, unstarted):
+            shutil.rmtree(folder)
+
+
+class FakeStartupInfo:
+    def __init__(self):
+        self.dwFlags = 0
+        self.wShowWindow = 1
+
+
+def test_windows_worker_starts_hidden_and_is_killed_as_a_tree(monkeypatch, tmp_path):
+    """Asserted on the arguments given to Popen and run: the real worker runs on Linux in the other tests."""
+    import io
+    import subprocess
+    import tempfile
+    from types import SimpleNamespace
+
+    from CTXAILib.worker import client as client_module
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(subprocess, "STARTUPINFO", FakeStartupInfo, raising=False)
+    monkeypatch.setattr(subprocess, "STARTF_USESHOWWINDOW", 1, raising=False)
+    monkeypatch.setattr(subprocess, "CREATE_NO_WINDOW", 0x08000000, raising=False)
+    # Only the client sees Windows: pytest's own paths must stay POSIX.
+    monkeypatch.setattr(client_module, "os", SimpleNamespace(**{**vars(os), "name": "nt"}))
+    calls = []
+
+    class FakeProcess:
+        pid = 4242
+        stdin = io.StringIO()
+
+        @property
+        def stdout(self):
+            return io.StringIO()
+
+        stderr = stdout
+
+        def __init__(self, command, **kwargs):
+            calls.append(("Popen", command, kwargs))
+
+        def poll(self):
+            return None
+
+        def wait(self, timeout=None):
+            return 0
+
+    def fake_run(command, **kwargs):
+        calls.append(("run", command, kwargs))
+
+    monkeypatch.setattr(subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    client = WorkerClient(command=["PythonSlicer.exe", "-m", "CTXAILib.worker"])
+    client.start()
+    client.kill()
+    (_, _, popen), (_, taskkill, run) = calls
+    for kwargs in (popen, run):
+        assert kwargs["creationflags"] & 0x08000000, "CREATE_NO_WINDOW"
+        assert kwargs["startupinfo"].dwFlags & 1 and kwargs["startupinfo"].wShowWindow == 0, "SW_HIDE"
+    assert "start_new_session" not in popen and "umask" not in popen
+    assert popen["errors"] == "replace" and popen["encoding"] == "utf-8"
+    assert taskkill == ["taskkill", "/F", "/T", "/PID", "4242"]
+
+
+def test_undecodable_worker_output_does_not_stop_the_readers():
+    """A worker that prints bytes of another code page and dies is still reported, with its message."""
+    import sys
+
+    script = ("import sys; sys.stdin.readline(); sys.stdout.buffer.write(b'\\xff\\xfe not json\\n'); "
+              "sys.stdout.flush(); sys.stderr.buffer.write(b'Fehler: Ger\\xe4t nicht gefunden\\n'); sys.exit(3)")
+    client = WorkerClient(command=[sys.executable, "-c", script])
+    try:
+        job = client.submit("methods")
+        final, _, _ = wait_for(client, job, timeout_s=20.0)
+        assert final["error"] == "WorkerCrashed" and "Ger\ufffdt nicht gefunden" in final["message"]
+    finally:
+        client.stop()

@@ -31,6 +31,10 @@ _DIVERGING = "CTXAI diverging"
 _RELEVANCE = "CTXAI relevance"
 _SLICE_VIEWS = ("Red", "Green", "Yellow")
 _ROLE = "CTXAI.role"
+_STATE = "CTXAI.run"
+# RunNodes fields kept as MRML node references of the attribution node (role "CTXAI.<field>"): Slicer renames
+# clashing IDs on scene import and updates references only, never IDs stored as text.
+_REFERENCES = ("labels", "table", "input", "confidence", "volume_rendering")
 
 
 # ------------------------------------------------------------------------------------------------- input side
@@ -250,7 +254,7 @@ def add_run(scene, input_node, attribution: Volume, explanation: dict[str, Any],
         folder = sh.CreateFolderItem(parent or sh.GetSceneItemID(), name)
         run.folder = folder
         sh.SetItemAttribute(folder, _ROLE, "run")
-        sh.SetItemAttribute(folder, "CTXAI.run", json.dumps(_folder_state(run), default=str))
+        _save_state(scene, run)
         for node, role in ((attribution_node, "attribution"), (labels_node, "labels"), (confidence_node, "confidence"),
                            (table, "table")):
             if node is not None:
@@ -437,22 +441,37 @@ def set_render_3d(scene, run: RunNodes, visible: bool, volume_rendering_logic=No
     _save_state(scene, run)
 
 
-def _folder_state(run: RunNodes) -> dict[str, Any]:
-    return {"attribution": run.attribution, "labels": run.labels, "table": run.table, "input": run.input,
-            "confidence": run.confidence, "volume_rendering": run.volume_rendering, "signed": run.signed,
-            "top_percent": run.top_percent, "opacity": run.opacity, "colormap": run.colormap,
-            "explanation": run.explanation}
-
-
 def _save_state(scene, run: RunNodes) -> None:
+    """Display state and explanation in the folder's attribute; the nodes as references of the attribution."""
     import slicer
 
+    attribution = scene.GetNodeByID(run.attribution)
+    for name in _REFERENCES:
+        attribution.SetNodeReferenceID(f"CTXAI.{name}", getattr(run, name))
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
-    sh.SetItemAttribute(run.folder, "CTXAI.run", json.dumps(_folder_state(run), default=str))
+    state = {"signed": run.signed, "top_percent": run.top_percent, "opacity": run.opacity,
+             "colormap": run.colormap, "explanation": run.explanation}
+    sh.SetItemAttribute(run.folder, _STATE, json.dumps(state, default=str))
+
+
+def _restore_run(sh, folder: int) -> RunNodes | None:
+    import vtk
+
+    children = vtk.vtkIdList()
+    sh.GetItemChildren(folder, children)
+    nodes = (sh.GetItemDataNode(children.GetId(n)) for n in range(children.GetNumberOfIds()))
+    attribution = next((node for node in nodes if node is not None and node.GetAttribute(_ROLE) == "attribution"),
+                       None)
+    if attribution is None:
+        return None  # its attribution volume was deleted: nothing left to show or relabel
+    references = {name: attribution.GetNodeReferenceID(f"CTXAI.{name}") for name in _REFERENCES}
+    return RunNodes(folder=folder, attribution=attribution.GetID(), **references,
+                    **json.loads(sh.GetItemAttribute(folder, _STATE)))
 
 
 def find_runs(scene) -> list[RunNodes]:
-    """Every run in the scene, oldest first (restored from the folders' attributes after a scene reload)."""
+    """Every run in the scene, oldest first (restored from its folder and node references after a scene load or
+    import)."""
     import slicer
     import vtk
 
@@ -463,8 +482,9 @@ def find_runs(scene) -> list[RunNodes]:
     for n in range(items.GetNumberOfIds()):
         item = items.GetId(n)
         if sh.GetItemAttribute(item, _ROLE) == "run":
-            state = json.loads(sh.GetItemAttribute(item, "CTXAI.run"))
-            runs.append(RunNodes(folder=item, **state))
+            run = _restore_run(sh, item)
+            if run is not None:
+                runs.append(run)
     return runs
 
 

@@ -80,6 +80,7 @@ class ExplainSession:
         self._inputs: dict[str, Path] = {}
         self._descriptions: dict[tuple, dict] = {}
         self._methods: list[dict] | None = None
+        self._undelivered: list[SessionEvent] = []   # outcomes of runs that shutdown() ended, for the next poll
 
     # ----------------------------------------------------------------------------------------- models
     def describe_model(self, path: str, device: str = "auto") -> dict:
@@ -132,6 +133,9 @@ class ExplainSession:
     def start(self, request: ExplainRequest) -> str:
         """Check the request against the scene and send it to the worker; returns the job id at once."""
         volume_node = self._node(request.input_volume, "input volume", "Pick the CT volume to explain.")
+        if volume_node.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise InputError(f"{volume_node.GetName()!r} is a label map, not a CT volume. Pick the CT volume to "
+                             "explain.")
         if not request.model:
             raise InputError("No model is selected. Pick a model card (.json) or a TorchScript file.")
         region = self._region(request, volume_node)
@@ -160,7 +164,7 @@ class ExplainSession:
 
     def poll(self) -> list[SessionEvent]:
         """Non-blocking: progress and outcomes since the last call; finished runs are added to the scene here."""
-        events = []
+        events, self._undelivered = self._undelivered, []
         for message in self.client.poll():
             job = str(message.get("id"))
             if job not in self._jobs:
@@ -170,8 +174,7 @@ class ExplainSession:
                 events.append(SessionEvent("progress", job, message["fraction"], message["message"],
                                            message.get("eta_s")))
                 continue
-            request = self._jobs.pop(job)
-            self._inputs.pop(job).unlink(missing_ok=True)
+            request = self._forget(job)
             if kind == "result":
                 try:
                     run = self._add_results(request, message["result"])
@@ -186,6 +189,11 @@ class ExplainSession:
                 events.append(SessionEvent("error", job, message=message.get("message", ""),
                                            error_type=message.get("error")))
         return events
+
+    def _forget(self, job: str) -> ExplainRequest:
+        """Release a run's bookkeeping (the session is no longer busy with it) and its input file."""
+        self._inputs.pop(job).unlink(missing_ok=True)
+        return self._jobs.pop(job)
 
     def _add_results(self, request: ExplainRequest, result: dict):
         attribution = volume_from_message(result["attribution"])
@@ -209,27 +217,40 @@ class ExplainSession:
         """
         job = self.start(request)
         cancelled = False
-        while True:
-            for event in self.poll():
-                if event.job != job:
-                    continue
-                if event.kind == "progress" and progress is not None:
-                    progress(event)
-                elif event.kind == "result":
-                    return event.run
-                elif event.kind == "cancelled":
-                    raise Cancelled(event.message)
-                elif event.kind == "error":
-                    raise WorkerError(event.error_type or "Error", event.message)
-            if not cancelled and cancel is not None and cancel.is_set():
-                self.cancel(job)
-                cancelled = True
-            if idle is not None:
-                idle()
-            time.sleep(0.02)
+        try:
+            while True:
+                for event in self.poll():
+                    if event.job != job:
+                        continue
+                    if event.kind == "progress" and progress is not None:
+                        progress(event)
+                    elif event.kind == "result":
+                        return event.run
+                    elif event.kind == "cancelled":
+                        raise Cancelled(event.message)
+                    elif event.kind == "error":
+                        raise WorkerError(event.error_type or "Error", event.message)
+                if not cancelled and cancel is not None and cancel.is_set():
+                    self.cancel(job)
+                    cancelled = True
+                if idle is not None:
+                    idle()
+                time.sleep(0.02)
+        finally:
+            # A callback or ``idle`` raised: nobody waits for this run any more, so it must not keep the session
+            # busy; the worker stops it at its next batch and its late reply is ignored.
+            if job in self._jobs:
+                self.client.cancel(job)
+                self._forget(job)
 
     def shutdown(self) -> None:
-        """Stop the worker and remove its private exchange folder."""
+        """Stop the worker and remove its private exchange folder. Runs still in flight end with a
+        ``WorkerStopped`` error: a blocking :meth:`explain` raises it, the next :meth:`poll` reports it."""
         self.client.stop()
-        self._jobs.clear()
-        self._inputs.clear()
+        # Reported here rather than by polling the client: a blocking describe_model() on another thread (the
+        # panel's model loader) must get its own "worker stopped" reply.
+        for job in list(self._jobs):
+            self._forget(job)
+            self._undelivered.append(SessionEvent("error", job, message="The CTXAI worker was stopped before this "
+                                                  "run finished (scene closed or module reloaded); the scene is "
+                                                  "unchanged.", error_type="WorkerStopped"))

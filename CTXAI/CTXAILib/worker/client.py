@@ -15,6 +15,7 @@ import os
 import queue
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,9 @@ from ..errors import Cancelled, CTXAIError
 
 __all__ = ["WorkerClient", "WorkerError", "volume_message", "volume_from_message"]
 
+EXCHANGE_PREFIX = "ctxai-"
+OWNER_FILE = "owner.json"   # in each exchange folder: the client's and the worker's process ids
+
 
 class WorkerError(CTXAIError):
     """An error reported by the worker (``kind`` is the engine's error class name) or its crash."""
@@ -44,7 +48,9 @@ def volume_message(volume: Volume, path: Path) -> dict[str, Any]:
     """Write a volume's voxels to ``path`` (.npy) and describe its geometry for a request."""
     from .server import save_array
 
-    return {"path": save_array(volume.array, path), "spacing": list(volume.spacing), "origin": list(volume.origin),
+    save_array(volume.array, path)
+    os.chmod(path, 0o600)  # the finished file gets the umask's permissions; scans stay private
+    return {"path": str(path), "spacing": list(volume.spacing), "origin": list(volume.origin),
             "directions": volume.directions.tolist()}
 
 
@@ -68,8 +74,7 @@ class WorkerClient:
         self.env = env
         self.startup_timeout_s = startup_timeout_s
         self.process: subprocess.Popen | None = None
-        # Private (0700) and removed on stop: inputs and results may be proprietary scans.
-        self.exchange = Path(tempfile.mkdtemp(prefix="ctxai-"))
+        self._exchange: Path | None = None
         self._ids = itertools.count(1)
         self._replies: "queue.Queue[dict]" = queue.Queue()
         self._pending: dict[str, str] = {}      # job id -> command, for requests not answered yet
@@ -77,6 +82,41 @@ class WorkerClient:
         self._stderr: deque[str] = deque(maxlen=40)
         self._reader_done = threading.Event()
         self.starts = 0
+
+    # --------------------------------------------------------------------------------------- exchange
+    @property
+    def exchange(self) -> Path:
+        """The private folder for inputs and results (they may be proprietary scans), checked before every use.
+
+        Created only here, by ``mkdtemp`` (0700, a new unguessable name), never re-created under a known name with
+        the umask; :meth:`stop` removes it."""
+        if self._exchange is None or not self._exchange.exists():
+            self._exchange = Path(tempfile.mkdtemp(prefix=EXCHANGE_PREFIX))
+        if os.name == "posix":
+            info = os.lstat(self._exchange)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) != 0o700:
+                raise CTXAIError(f"The CTXAI exchange folder {self._exchange} is no longer private (mode "
+                                 f"{stat.S_IMODE(info.st_mode):o}); CT data is not written there. Close and reopen "
+                                 "the scene to get a new folder.")
+        return self._exchange
+
+    def _remove_stale_exchanges(self) -> None:
+        """Remove exchange folders that earlier clients of this user left behind (Slicer crashed or was killed)."""
+        for folder in Path(tempfile.gettempdir()).glob(EXCHANGE_PREFIX + "*"):
+            try:
+                if folder == self._exchange or (os.name == "posix" and folder.lstat().st_uid != os.getuid()):
+                    continue
+                owners = json.loads((folder / OWNER_FILE).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # not ours, not a CTXAI folder, or a client that has not started its worker yet
+            if not any(_process_alive(int(pid)) for pid in owners.values()):
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _write_owners(self) -> None:
+        owner = self.exchange / OWNER_FILE
+        descriptor = os.open(owner, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            json.dump({"client": os.getpid(), "worker": self.process.pid}, handle)
 
     # ---------------------------------------------------------------------------------------- process
     @property
@@ -91,10 +131,14 @@ class WorkerClient:
         package_parent = str(Path(__file__).resolve().parents[2])
         environment["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, environment.get("PYTHONPATH")) if p)
         environment.setdefault("PYTHONUNBUFFERED", "1")
-        self.exchange.mkdir(mode=0o700, exist_ok=True)
+        self._remove_stale_exchanges()
+        # Undecodable bytes (a library's message in the console's code page) must not stop a reader: a full
+        # stderr pipe would block the worker.
         self.process = subprocess.Popen(
             self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            bufsize=1, env=environment, cwd=self.exchange, start_new_session=(os.name == "posix"))
+            encoding="utf-8", errors="replace", bufsize=1, env=environment, cwd=self.exchange,
+            **_process_options(own_group=True))
+        self._write_owners()
         self.starts += 1
         self._replies = queue.Queue()
         self._reader_done = threading.Event()
@@ -128,7 +172,9 @@ class WorkerClient:
                 except (OSError, subprocess.TimeoutExpired):
                     self.kill()
             self.process = None
-        shutil.rmtree(self.exchange, ignore_errors=True)
+        if self._exchange is not None:
+            shutil.rmtree(self._exchange, ignore_errors=True)
+            self._exchange = None
 
     def kill(self) -> None:
         """Hard stop of the worker and anything it started (Slicer's PythonSlicer is a launcher)."""
@@ -138,7 +184,8 @@ class WorkerClient:
             if os.name == "posix":
                 os.killpg(self.process.pid, signal.SIGKILL)
             else:
-                subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)], capture_output=True)
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)], capture_output=True,
+                               **_process_options())
         except (ProcessLookupError, PermissionError):
             pass
         self.process.wait()
@@ -236,3 +283,41 @@ class WorkerClient:
 
     def stderr_tail(self) -> str:
         return "\n".join(self._stderr)
+
+
+def _process_options(own_group: bool = False) -> dict[str, Any]:
+    """Popen options for the worker (``own_group``: its own process tree, files private) and its helpers.
+
+    On Windows no console window, as Slicer's ``slicer.util.launchConsoleProcess`` starts processes: a console
+    would appear beside Slicer, and closing it would kill the worker."""
+    if os.name == "nt":
+        info = subprocess.STARTUPINFO()
+        info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
+        info.wShowWindow = 0  # SW_HIDE
+        return {"startupinfo": info, "creationflags": subprocess.CREATE_NO_WINDOW}
+    # A session of its own lets kill() end the worker with what it started (PythonSlicer is a launcher); the
+    # umask makes every file the worker writes 0600.
+    return {"start_new_session": True, "umask": 0o077} if own_group else {}
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":
+        import ctypes  # os.kill(pid, 0) would terminate the process on Windows
+
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        try:
+            code = ctypes.c_ulong()
+            kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+            return code.value == 259  # STILL_ACTIVE
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, someone else's
+    return True
