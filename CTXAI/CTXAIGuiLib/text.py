@@ -14,16 +14,49 @@ def familyLabel(family: str) -> str:
             "prediction": _("Model output (not an explanation)")}.get(family, family.capitalize())
 
 
-def methodGroups(methods: list) -> list:
-    """The registry's methods as Method-list groups ``(family label, [(label, name, summary)])``.
+def methodGroups(methods: list, advice=None) -> list:
+    """The registry's methods as Method-list groups ``(family label, [(label, name, summary)])``; ``advice``
+    (the model's trust profile, ``ctxai profile``) marks those it advises against or to use with care.
 
     >>> methodGroups([{"name": "saliency", "label": "Saliency", "family": "gradient", "summary": "|d score/d x|"}])
     [('Gradient methods', [('Saliency', 'saliency', '|d score/d x|')])]
+    >>> methodGroups([{"name": "lrp", "label": "LRP", "family": "relevance", "summary": "s"}],
+    ...              {"lrp": {"recommendation": "do not use", "why": "fails randomisation"}})[0][1]
+    [('LRP  (not advised on this model)', 'lrp', 's\\nProfile: do not use: fails randomisation')]
     """
+    advice = advice or {}
+    marks = {"do not use": _("not advised on this model"), "use with care": _("use with care")}
+
+    def item(m: dict) -> tuple:
+        entry = advice.get(m["name"])
+        mark = marks.get(entry["recommendation"]) if entry else None
+        label = m["label"] + (f"  ({mark})" if mark else "")
+        tip = m.get("summary", "") + (f"\n{_('Profile')}: {entry['recommendation']}: {entry['why']}" if entry else "")
+        return label, m["name"], tip
+
     families = list(FAMILIES) + sorted({m["family"] for m in methods} - set(FAMILIES))
-    groups = [(family, [(m["label"], m["name"], m.get("summary", "")) for m in methods if m["family"] == family])
-              for family in families]
+    groups = [(family, [item(m) for m in methods if m["family"] == family]) for family in families]
     return [(familyLabel(family), members) for family, members in groups if members]
+
+
+# Verdict colours: green, amber, red as in the run table's pass / caution / FAIL rows; grey when unchecked.
+VERDICT_COLOURS = {"trusted": "#2e7d32", "caution": "#b26a00", "not trusted": "#c62828", "unchecked": "#666666"}
+
+
+def verdictHtml(explanation: dict) -> str:
+    """The run's verdict in its colour, with the failed checks' reasons.
+
+    >>> verdictHtml({"verdict": {"verdict": "caution", "reasons": ["stability: the map changes"]}})
+    '<b style="color:#b26a00">Verdict: caution</b><br>stability: the map changes'
+    >>> verdictHtml({})
+    ''
+    """
+    verdict = explanation.get("verdict")
+    if not verdict:
+        return ""
+    word = verdict["verdict"]
+    head = f'<b style="color:{VERDICT_COLOURS.get(word, "#666666")}">{_("Verdict")}: {html.escape(word)}</b>'
+    return "<br>".join([head] + [html.escape(reason) for reason in verdict.get("reasons", [])])
 
 
 def formatDuration(seconds: float) -> str:

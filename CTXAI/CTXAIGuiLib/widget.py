@@ -18,7 +18,7 @@ from CTXAIGuiLib.connectors import ItemDataComboBoxConnector, MethodSettingsForm
 from CTXAIGuiLib.logic import CTXAILogic
 from CTXAIGuiLib.parameters import DEFAULT_METHOD, Colormap, Where
 from CTXAIGuiLib.reloading import reloadPackages
-from CTXAIGuiLib.text import describeError, formatDuration, methodGroups, modelCardHtml
+from CTXAIGuiLib.text import describeError, formatDuration, methodGroups, modelCardHtml, verdictHtml
 
 # Parameters bound in code because no stock connector fits them: comboboxes filled at run time from the worker's
 # answers (model card, layers, method registry), the settings form built from the registry, and the list of runs.
@@ -320,7 +320,7 @@ class CTXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _populateMethods(self):
         task = self._task()
         shown = [m for m in self._methods if not (m.get("segmentation_only") and task == "classification")]
-        self._connectors["method"].setGroups(methodGroups(shown))
+        self._connectors["method"].setGroups(methodGroups(shown, (self._description or {}).get("advice")))
         names = [m["name"] for m in shown]
         if names and self._parameterNode.method not in names:
             self._parameterNode.method = DEFAULT_METHOD if DEFAULT_METHOD in names else names[0]
@@ -483,6 +483,7 @@ class CTXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if run is not self._shownRun:
             self._shownRun = run
             self.ui.resultTableView.setMRMLTableNode(table if run is not None else None)
+            self.ui.verdictLabel.text = verdictHtml(run.explanation) if run is not None else ""
             if run is None:
                 return
             self.logic.showRun(run)

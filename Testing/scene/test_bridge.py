@@ -154,6 +154,26 @@ def test_run_nodes_views_and_colours(slicer_app):
         assert sh.GetItemParent(sh.GetItemByDataNode(scene.GetNodeByID(node_id))) == run.folder
 
 
+def test_run_table_shows_the_verdict_and_each_check(slicer_app):
+    """What `ctxai explain --checks` and the worker return reaches the panel's table, one row per check."""
+    scene = slicer_app.scene
+    node = add_volume_node(scene, oblique_ct())
+    checks = {"spill": {"value": 0.17, "threshold": 0.69, "pass": False, "controls": {"constant": 0.37},
+                        "what": "5% of the map is on the explained region, 25% on other predicted regions"},
+              "target_sensitivity": {"value": -0.2, "threshold": 0.8, "pass": True, "controls": {"centre": 1.0},
+                                     "what": "the map for another predicted void region differs"}}
+    explanation = dict(EXPLANATION, checks=checks, verdict={"verdict": "caution", "reasons": [
+        "spill: 5% of the map is on the explained region"], "passed": ["target_sensitivity"], "failed": ["spill"],
+        "not_made": []})
+    run = add_run(scene, node, attribution_like(volume_from_node(node)), explanation)
+    table = scene.GetNodeByID(run.table)
+    rows = {table.GetCellText(r, 0): table.GetCellText(r, 1) for r in range(table.GetNumberOfRows())}
+    assert rows["Verdict"].startswith("caution; spill: 5% of the map")
+    assert rows["Check: spill"].startswith("FAIL: 5% of the map")
+    assert rows["Check: target_sensitivity"].startswith("pass: the map for another")
+    assert find_runs(scene)[-1].explanation["verdict"]["verdict"] == "caution"
+
+
 def test_unsigned_runs_use_heat(slicer_app):
     scene = slicer_app.scene
     node = add_volume_node(scene, oblique_ct())

@@ -140,6 +140,27 @@ def test_describe_model_and_methods(client, unet_card):
     assert {"gradcam", "lrp", "occlusion", "confidence"} <= methods
 
 
+def test_describe_model_carries_the_profiles_advice_for_these_weights_only(client, unet_card):
+    """The panel marks the methods a model's trust profile advises against; a profile of other weights is ignored."""
+    import json
+
+    from CTXAILib.checks.profile import profile_path
+    from CTXAILib.engine.models import sha256_file
+
+    card = json.loads(unet_card.read_text())
+    sha = sha256_file(unet_card.parent / card["weights"])
+    path = profile_path(unet_card)
+    entry = {"recommendation": "do not use", "why": "fails randomisation on this model", "checks": {}}
+    try:
+        path.write_text(json.dumps({"model": {"sha256": sha}, "methods": {"gradcam": entry}}))
+        advice = client.call("describe_model", model=str(unet_card), device="cpu")["advice"]
+        assert advice == {"gradcam": {"recommendation": "do not use", "why": "fails randomisation on this model"}}
+        path.write_text(json.dumps({"model": {"sha256": "0" * 64}, "methods": {"gradcam": entry}}))
+        assert client.call("describe_model", model=str(unet_card), device="cpu")["advice"] == {}
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def test_stop_answers_pending_requests(classifier_card, volume):
     """Stopping mid-run (scene close, module reload): the run is cancelled or reported stopped, never left open."""
     client = WorkerClient()

@@ -196,12 +196,17 @@ class Worker:
         return explainer, False
 
     def _describe_model(self, request: dict, job: str, cancel: threading.Event) -> dict:
+        from ..checks.profile import read_profile
+
         explainer, reused = self.explainer(request["model"], request.get("device", "auto"))
         model = explainer.model
+        profile = read_profile(request["model"], model.sha256) if str(request["model"]).endswith(".json") else None
         return {"card": model.card.to_dict(), "sha256": model.sha256, "torchscript": model.is_torchscript,
                 "default_layer": model.default_layer(), "warnings": model.warnings, "device": str(explainer.device),
                 "layers": [{"name": i.name, "type": i.type, "output_shape": i.output_shape,
                             "cam_usable": i.spatial} for i in model.layers()],
+                "advice": {name: {"recommendation": entry["recommendation"], "why": entry["why"]}
+                           for name, entry in (profile or {}).get("methods", {}).items()},
                 "model_reused": reused}
 
     def _methods(self, request: dict, job: str, cancel: threading.Event) -> list:
