@@ -31,17 +31,8 @@ Nothing here imports torch until a benchmark runs.
 
 from __future__ import annotations
 
-from .cases import (
-                    BATCHES,
-                    BENCH_SEED,
-                    CLASSIFIER_METHODS,
-                    OCCLUSION,
-                    OCCLUSION_ENGINES,
-                    UNET_METHODS_CPU,
-                    UNET_METHODS_CUDA,
-                    Case,
-                    plan_cases,
-)
+from .cases import (BATCHES, BENCH_SEED, CLASSIFIER_METHODS, OCCLUSION, OCCLUSION_ENGINES, UNET_METHODS_CPU,
+                    UNET_METHODS_CUDA, Case, plan_cases)
 from .run import format_table, run_bench
 
 __all__ = ["BENCH_SEED", "CLASSIFIER_METHODS", "UNET_METHODS_CPU", "UNET_METHODS_CUDA", "OCCLUSION",

@@ -17,17 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import InputError
-from .cases import (
-    BATCHES,
-    BENCH_SEED,
-    OCCLUSION_PATCH,
-    QUICK_BATCHES,
-    UNET_METHODS_CUDA,
-    UNET_SHAPES,
-    Case,
-    plan_cases,
-    select_cases,
-)
+from .cases import (BATCHES, BENCH_SEED, OCCLUSION_PATCH, QUICK_BATCHES, UNET_METHODS_CUDA, UNET_SHAPES, Case,
+                    plan_cases, select_cases)
 from .children import run_child
 
 __all__ = ["run_bench", "format_table"]

@@ -19,16 +19,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .base import (
-    Check,
-    CheckContext,
-    CheckResult,
-    control_maps,
-    informative_region,
-    map_in,
-    rank_correlation,
-    register_check,
-)
+from .base import (Check, CheckContext, CheckResult, control_maps, informative_region, map_in, rank_correlation,
+                   register_check)
 
 if TYPE_CHECKING:
     from ..engine.models import LoadedModel

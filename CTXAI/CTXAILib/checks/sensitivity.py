@@ -13,16 +13,8 @@ import numpy as np
 
 from ..engine.geometry import Box
 from ..engine.targets import FixedRegion, Target
-from .base import (
-    Check,
-    CheckContext,
-    CheckResult,
-    control_maps,
-    informative_region,
-    map_in,
-    rank_correlation,
-    register_check,
-)
+from .base import (Check, CheckContext, CheckResult, control_maps, informative_region, map_in, rank_correlation,
+                   register_check)
 
 __all__ = ["THRESHOLD", "other_target", "target_sensitivity"]
 

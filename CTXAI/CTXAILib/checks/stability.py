@@ -12,16 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..engine.methods import get_method
-from .base import (
-    Check,
-    CheckContext,
-    CheckResult,
-    control_maps,
-    informative_region,
-    map_in,
-    rank_correlation,
-    register_check,
-)
+from .base import (Check, CheckContext, CheckResult, control_maps, informative_region, map_in, rank_correlation,
+                   register_check)
 
 __all__ = ["THRESHOLD", "NOISE_FRACTION", "noise_sigma", "stability"]
 

@@ -28,23 +28,9 @@ import torch.nn.functional as F
 
 from ..engine.modelcard import ModelCard
 from ..engine.networks import DefectClassifier3D, UNet3D
-from .dataset import (
-    CLASSIFIER_CLASSES,
-    CLASSIFIER_PATCH,
-    HELD_OUT_SEED_BASE,
-    NORMALIZATION,
-    PHANTOM_SHAPE,
-    SEGMENTATION_CLASSES,
-    SPACING_MM,
-    TRAIN_SEED_BASE,
-    TYPE_TO_CLASS,
-    TYPE_TO_SEGMENT,
-    UNET_CROP,
-    UNET_PATCH,
-    classifier_patches,
-    crop_around,
-    segmentation_targets,
-)
+from .dataset import (CLASSIFIER_CLASSES, CLASSIFIER_PATCH, HELD_OUT_SEED_BASE, NORMALIZATION, PHANTOM_SHAPE,
+                      SEGMENTATION_CLASSES, SPACING_MM, TRAIN_SEED_BASE, TYPE_TO_CLASS, TYPE_TO_SEGMENT, UNET_CROP,
+                      UNET_PATCH, classifier_patches, crop_around, segmentation_targets)
 from .phantom import CT_AIR, Phantom, generate_phantom
 
 __all__ = ["TrainResult", "train_classifier", "train_unet"]

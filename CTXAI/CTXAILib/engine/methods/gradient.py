@@ -13,16 +13,8 @@ import weakref
 from typing import Iterator
 
 import torch
-from captum.attr import (
-    DeepLift,
-    DeepLiftShap,
-    GradientShap,
-    GuidedBackprop,
-    InputXGradient,
-    IntegratedGradients,
-    NoiseTunnel,
-    Saliency,
-)
+from captum.attr import (DeepLift, DeepLiftShap, GradientShap, GuidedBackprop, InputXGradient, IntegratedGradients,
+                         NoiseTunnel, Saliency)
 from torch import nn
 
 from ...errors import MethodError
