@@ -9,7 +9,6 @@ import time
 import numpy as np
 import pytest
 
-from CTXAILib import Cancelled
 from CTXAILib.worker.client import WorkerError
 from CTXAILib.scene.bridge import find_runs
 from CTXAILib.scene.session import ExplainRequest, ExplainSession
