@@ -185,7 +185,7 @@ class Worker:
             outputs["confidence"] = self._volume_file(result.confidence, out_dir / f"{job}-confidence.npy")
         record = run_record(result, volume, explainer.model, outputs={k: v["path"] for k, v in outputs.items()})
         return {**outputs, "record": record, "model_reused": reused,
-                "explanation": {"method": result.method, "signed": result.signed, "family": result.family,
+                "explanation": {"method": result.method, "sign": result.sign, "signed": result.signed, "family": result.family,
                                 "settings": result.settings, "target": result.target, "layer": result.layer,
                                 "prediction": result.prediction, "timings": result.timings,
                                 "quality": result.quality,

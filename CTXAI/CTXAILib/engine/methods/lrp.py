@@ -438,7 +438,7 @@ register(MethodSpec(
     "lrp", "LRP", "relevance",
     "The target's logit redistributed layer by layer onto the voxels (Bach et al. 2015), with the epsilon or "
     "alpha-beta rule on 3-D convolutions, norms and pooling.",
-    signed=True, aggregation="sum", kernel=lrp, samples=lambda s, shape: 1.0, needs_hooks=True,
+    sign="attribution", aggregation="sum", kernel=lrp, samples=lambda s, shape: 1.0, needs_hooks=True,
     settings=(Setting("rule", "choice", "epsilon", "epsilon: conservative, close to gradient x input; alpha_beta: "
                       "positive and negative evidence weighted separately.", choices=RULES),
               Setting("epsilon", "float", 1e-6, "Stabiliser of the epsilon rule (larger: sparser, less noisy).",

@@ -117,7 +117,7 @@ def confidence(ctx: VolumeContext, settings: dict) -> torch.Tensor:
 register(MethodSpec(
     "occlusion", "Occlusion", "perturbation",
     "Drop in the target when a 3-D window is filled, slid over the volume (Zeiler and Fergus 2014).",
-    signed=True, aggregation="volume", kernel=occlusion, needs_gradient=False,
+    sign="attribution", aggregation="volume", kernel=occlusion, needs_gradient=False,
     samples=lambda s, shape: float(len(window_boxes(shape, s["window"], s["stride"])[0]) + 1),
     settings=(Setting("window", "int", 8, "Edge of the cubic occlusion window, in voxels.", minimum=1, maximum=256),
               Setting("stride", "int", 4, "Step between window positions, in voxels (at most the window).",
@@ -129,7 +129,7 @@ register(MethodSpec(
 register(MethodSpec(
     "lime", "LIME (supervoxels)", "perturbation",
     "A sparse linear surrogate fitted to the model on random subsets of supervoxels (Ribeiro et al. 2016).",
-    signed=True, aggregation="volume", kernel=lime, needs_gradient=False,
+    sign="attribution", aggregation="volume", kernel=lime, needs_gradient=False,
     samples=lambda s, shape: float(s["samples"] + 2),
     settings=(Setting("samples", "int", 500, "Perturbed copies evaluated.", minimum=10, maximum=20000),
               _SEGMENTS, _COMPACTNESS,
@@ -141,18 +141,18 @@ register(MethodSpec(
 register(MethodSpec(
     "kernel_shap", "KernelSHAP (supervoxels)", "perturbation",
     "Shapley values of supervoxels estimated by weighted linear regression (Lundberg and Lee 2017).",
-    signed=True, aggregation="volume", kernel=kernel_shap, needs_gradient=False,
+    sign="attribution", aggregation="volume", kernel=kernel_shap, needs_gradient=False,
     samples=lambda s, shape: float(s["samples"]),
     settings=(Setting("samples", "int", 500, "Coalitions evaluated.", minimum=10, maximum=20000),
               _SEGMENTS, _COMPACTNESS, _FILL, _SIGMA)))
 register(MethodSpec(
     "feature_ablation", "Feature ablation (supervoxels)", "perturbation",
     "Drop in the target when each supervoxel alone is filled.",
-    signed=True, aggregation="volume", kernel=feature_ablation, needs_gradient=False,
+    sign="attribution", aggregation="volume", kernel=feature_ablation, needs_gradient=False,
     samples=lambda s, shape: float(s["supervoxels"] + 1),
     settings=(_SEGMENTS, _COMPACTNESS, _FILL, _SIGMA)))
 register(MethodSpec(
     "confidence", "Confidence (model probability)", "prediction",
     "The segmentation model's own probability of the target class per voxel: what it predicts, not why.",
-    signed=False, aggregation="volume", kernel=confidence, needs_gradient=False, segmentation_only=True,
+    sign="magnitude", aggregation="volume", kernel=confidence, needs_gradient=False, segmentation_only=True,
     samples=lambda s, shape: 1.0))
