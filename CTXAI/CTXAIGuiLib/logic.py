@@ -90,7 +90,8 @@ class CTXAILogic(ScriptedLoadableModuleLogic):
 
     def methods(self) -> list:
         """The attribution methods, from the worker's registry: name, label, family, summary, sign (attribution,
-        sensitivity or magnitude), signed, needs_layer, segmentation_only and settings ({name, type, default, min, max, choices, help})."""
+        sensitivity or magnitude), signed, needs_layer, segmentation_only and settings ({name, type, default, min,
+        max, choices, help})."""
         return self._callWorker(lambda: self.session.methods())
 
     def methodSpec(self, name: str):
