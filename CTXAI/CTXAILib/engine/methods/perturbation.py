@@ -44,6 +44,22 @@ def _feature_mask(ctx: VolumeContext, settings: dict) -> torch.Tensor:
     return torch.from_numpy(labels)[None, None]
 
 
+# More voxels than this at the maximum and "the strongest voxel" (a pointing game, a top-1 % overlay) is a tie.
+_LARGE_TIE = 8
+
+
+def _note_ties(ctx: VolumeContext, attribution: torch.Tensor, label: str) -> torch.Tensor:
+    """Tell the user when many voxels share the map's maximum |value|: a supervoxel method gives a whole supervoxel
+    one value, and a sparse or noisy fit leaves few distinct values."""
+    magnitude = attribution.abs()
+    at_top = int((magnitude == magnitude.max()).sum())
+    if at_top > _LARGE_TIE:
+        ctx.notes.append(f"{label}: {at_top} voxels share the map's maximum |value| and the map has "
+                         f"{int(torch.unique(attribution).numel())} distinct values (one per supervoxel at most), so "
+                         "its strongest voxel is not a point: read it by supervoxel, not voxel by voxel.")
+    return attribution
+
+
 def occlusion(ctx: VolumeContext, settings: dict) -> torch.Tensor:
     if settings["stride"] > settings["window"]:
         raise SettingError(f"Occlusion stride {settings['stride']} is larger than its window {settings['window']}, "
@@ -88,15 +104,16 @@ def lime(ctx: VolumeContext, settings: dict) -> torch.Tensor:
                        similarity_func=_lime_similarity(settings["kernel_width"])).attribute(
             ctx.x, baselines=fill, feature_mask=_feature_mask(ctx, settings), n_samples=settings["samples"],
             perturbations_per_eval=ctx.batch_size)[0]
-    return weights * scale
+    return _note_ties(ctx, weights * scale, "LIME")
 
 
 def kernel_shap(ctx: VolumeContext, settings: dict) -> torch.Tensor:
     with torch.random.fork_rng():
         torch.manual_seed(ctx.seed)
-        return KernelShap(ctx.forward).attribute(
+        values = KernelShap(ctx.forward).attribute(
             ctx.x, baselines=_fill(ctx, settings), feature_mask=_feature_mask(ctx, settings),
             n_samples=settings["samples"], perturbations_per_eval=ctx.batch_size)[0]
+    return _note_ties(ctx, values, "KernelSHAP")
 
 
 def feature_ablation(ctx: VolumeContext, settings: dict) -> torch.Tensor:
