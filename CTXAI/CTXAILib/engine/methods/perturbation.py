@@ -148,7 +148,11 @@ register(MethodSpec(
     "A sparse linear surrogate fitted to the model on random subsets of supervoxels (Ribeiro et al. 2016).",
     sign="attribution", aggregation="volume", kernel=lime, needs_gradient=False,
     samples=lambda s, shape: float(s["samples"] + 2),
-    settings=(Setting("samples", "int", 500, "Perturbed copies evaluated.", minimum=10, maximum=20000),
+    # Utilities/perturbation_stability.py measured the figures in this help and in KernelSHAP's (issue 10).
+    settings=(Setting("samples", "int", 500, "Perturbed copies evaluated. Stability measured on the bundled "
+                      "classifier (held-out pore patches, rank correlation of |map|): between two seeds 0.32 at 200 "
+                      "samples, 0.40 at 500; under noise of 1 % of the window 0.17 and 0.32. No affordable count "
+                      "makes the map stable: read it by supervoxel.", minimum=10, maximum=20000),
               _SEGMENTS, _COMPACTNESS,
               Setting("kernel_width", "float", 0.25, "Width of LIME's exponential kernel on the cosine distance.",
                       minimum=0.01, maximum=10.0),
@@ -160,7 +164,10 @@ register(MethodSpec(
     "Shapley values of supervoxels estimated by weighted linear regression (Lundberg and Lee 2017).",
     sign="attribution", aggregation="volume", kernel=kernel_shap, needs_gradient=False,
     samples=lambda s, shape: float(s["samples"]),
-    settings=(Setting("samples", "int", 500, "Coalitions evaluated.", minimum=10, maximum=20000),
+    settings=(Setting("samples", "int", 1000, "Coalitions evaluated. Stability measured on the bundled classifier "
+                      "(held-out pore patches, rank correlation of |map|): between two seeds 0.03 at 200 "
+                      "coalitions, 0.13 at 1000; under noise of 1 % of the window 0.06 and 0.12. No affordable "
+                      "count makes the map stable: read it by supervoxel.", minimum=10, maximum=20000),
               _SEGMENTS, _COMPACTNESS, _FILL, _SIGMA)))
 register(MethodSpec(
     "feature_ablation", "Feature ablation (supervoxels)", "perturbation",
