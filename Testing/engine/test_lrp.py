@@ -1,6 +1,6 @@
-"""Tests of the engine's own LRP (CTXAILib.engine.methods.lrp): conservation, the LRP-ε = gradient x input identity, the
-αβ and flat rules against their formulas, the default composite rule unlike gradient x input on the bundled classifier,
-the project's and MONAI's 3-D networks, batch independence, a model left unchanged, and the errors."""
+"""Tests of the engine's own LRP (CTXAILib.engine.methods.lrp): conservation, the LRP-ε = gradient x input identity,
+the αβ and flat rules against their formulas, the default composite rule unlike gradient x input on the bundled
+classifier, the project's and MONAI's 3-D networks, batch independence, a model left unchanged, and the errors."""
 
 from __future__ import annotations
 

@@ -50,7 +50,8 @@ def triplanar_png(ct: Volume, attribution: Volume, path: str | Path, centre_ijk:
                   sign: str, title: str, outline: np.ndarray | None = None, window: tuple[float, float] = (-1000.0,
                   4000.0), field_voxels: int = 64) -> Path:
     """Axial, coronal and sagittal views through ``centre_ijk``: CT in grey, the attribution on top in the colours
-    of its method's ``sign`` (a key of :data:`~CTXAILib.engine.signs.SIGNS`), and ``outline`` (a boolean ground-truth mask) as a green contour."""
+    of its method's ``sign`` (a key of :data:`~CTXAILib.engine.signs.SIGNS`), and ``outline`` (a boolean
+    ground-truth mask) as a green contour."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -6,8 +6,8 @@ functions so that the engine package never needs them.
 
 A run's results live in one subject-hierarchy folder: the float attribution volume (the input's exact geometry,
 coloured and labelled as the method's sign means: :data:`~CTXAILib.engine.signs.SIGNS`), a label map of the most
-relevant voxels, the segmentation model's confidence map when there is one, a table of the prediction and settings, and a
-volume rendering of the attribution. The attribution is the foreground and the label map the label layer of the
+relevant voxels, the segmentation model's confidence map when there is one, a table of the prediction and settings,
+and a volume rendering of the attribution. The attribution is the foreground and the label map the label layer of the
 Red, Green and Yellow views. :func:`add_run` either creates all of it or leaves the scene untouched.
 """
 

@@ -1,9 +1,9 @@
 """The registry of attribution methods and the contexts their kernels receive.
 
 Each :class:`MethodSpec` declares what the panel, the CLI and the scheduler need to know without running it: its
-family, what the sign of its map means (:data:`~CTXAILib.engine.signs.SIGNS`), whether it needs a layer or hookable Python modules, how its tiles combine, an
-estimate of model evaluations (for progress and ETA) and its settings with type, default, range and help. The
-Slicer panel builds its controls from :meth:`MethodSpec.to_dict`.
+family, what the sign of its map means (:data:`~CTXAILib.engine.signs.SIGNS`), whether it needs a layer or hookable
+Python modules, how its tiles combine, an estimate of model evaluations (for progress and ETA) and its settings with
+type, default, range and help. The Slicer panel builds its controls from :meth:`MethodSpec.to_dict`.
 
 Kernels come in two kinds:
 
