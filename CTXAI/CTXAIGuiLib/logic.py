@@ -91,8 +91,9 @@ class CTXAILogic(ScriptedLoadableModuleLogic):
         return bundled_model(name)
 
     def methods(self) -> list:
-        """The attribution methods, from the worker's registry: name, label, family, summary, signed,
-        needs_layer, segmentation_only and settings ({name, type, default, min, max, choices, help})."""
+        """The attribution methods, from the worker's registry: name, label, family, summary, sign (attribution,
+        sensitivity or magnitude), signed, needs_layer, segmentation_only and settings ({name, type, default, min,
+        max, choices, help})."""
         return self._callWorker(lambda: self.session.methods())
 
     def methodSpec(self, name: str):

@@ -27,10 +27,14 @@ def test_methods_json():
     assert out.returncode == 0, out.stderr
     registry = {m["name"]: m for m in json.loads(out.stdout)}
     ig = registry["integrated_gradients"]
-    assert ig["family"] == "gradient" and ig["signed"] and not ig["needs_layer"]
+    assert ig["family"] == "gradient" and ig["sign"] == "attribution" and ig["signed"] and not ig["needs_layer"]
     steps = {s["name"]: s for s in ig["settings"]}["steps"]
     assert steps["type"] == "int" and steps["min"] == 2 and steps["default"] == 32 and steps["help"]
-    assert registry["gradcam"]["needs_layer"] and not registry["gradcam"]["signed"]
+    assert registry["gradcam"]["needs_layer"] and registry["gradcam"]["sign"] == "magnitude"
+    assert not registry["gradcam"]["signed"]
+    # A gradient's sign is a direction of change, not evidence against the class (issue 10).
+    assert registry["guided_backprop"]["sign"] == registry["guided_gradcam"]["sign"] == "sensitivity"
+    assert {m["sign"] for m in registry.values()} == {"attribution", "sensitivity", "magnitude"}
     assert registry["confidence"]["segmentation_only"]
 
 

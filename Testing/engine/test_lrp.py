@@ -1,6 +1,6 @@
-"""Tests of the engine's own LRP (CTXAILib.engine.methods.lrp): conservation, the LRP-ε = gradient x input identity, the
-αβ rule against its formula, the project's and MONAI's 3-D networks, batch independence, a model left unchanged,
-and the errors."""
+"""Tests of the engine's own LRP (CTXAILib.engine.methods.lrp): conservation, the LRP-ε = gradient x input identity,
+the αβ and flat rules against their formulas, the default composite rule unlike gradient x input on the bundled
+classifier, the project's and MONAI's 3-D networks, batch independence, a model left unchanged, and the errors."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from CTXAILib.errors import InputError, MethodError, SettingError
-from CTXAILib.engine.methods.lrp import lrp_attribute
+from CTXAILib.engine.methods.lrp import RULES, lrp_attribute
 from CTXAILib.engine.networks import DefectClassifier3D, UNet3D
 
 TINY = 1e-9
@@ -76,13 +76,14 @@ def volume(n: int = 2, size: int = 8, seed: int = 3) -> torch.Tensor:
 
 # --- 1, 2: conservation and LRP-ε -> 0 = gradient x input on bias-free ReLU networks ------------------------------
 
+@pytest.mark.parametrize("rule", ["epsilon", "composite"])
 @pytest.mark.parametrize("pool", sorted(POOLS))
-def test_epsilon_conserves_relevance_on_bias_free_relu_nets(pool):
+def test_conserves_relevance_on_bias_free_relu_nets(pool, rule):
     net = bias_free_net(*POOLS[pool]())
     x = volume()
     for target in range(3):
         score = class_score(target)(net(x)).detach()
-        relevance = lrp_attribute(net, x, class_score(target), epsilon=TINY)
+        relevance = lrp_attribute(net, x, class_score(target), rule=rule, epsilon=TINY)
         assert relevance.shape == x.shape
         # Measured: at most 5e-6 relative, float32 rounding.
         torch.testing.assert_close(per_sample(relevance), score, rtol=1e-4, atol=1e-7)
@@ -92,7 +93,7 @@ def test_epsilon_conserves_relevance_on_bias_free_relu_nets(pool):
 def test_epsilon_to_zero_equals_gradient_times_input(pool):
     net = bias_free_net(*POOLS[pool]())
     x = volume()
-    relevance = lrp_attribute(net, x, class_score(1), epsilon=TINY)
+    relevance = lrp_attribute(net, x, class_score(1), rule="epsilon", epsilon=TINY)
     expected = gradient_x_input(net, x, class_score(1))
     torch.testing.assert_close(relevance, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
 
@@ -101,7 +102,7 @@ def test_large_epsilon_absorbs_the_relevance():
     """Each layer scales the gradient by z / (z + ε sign z), smaller than |z| / ε: a huge ε leaves almost nothing."""
     net = bias_free_net(*POOLS["avg"]())
     x = volume()
-    small = lrp_attribute(net, x, class_score(1), epsilon=TINY)
+    small = lrp_attribute(net, x, class_score(1), rule="epsilon", epsilon=TINY)
     medium = lrp_attribute(net, x, class_score(1), epsilon=0.05)
     huge = lrp_attribute(net, x, class_score(1), epsilon=1e3)
     assert torch.isfinite(medium).all() and not torch.allclose(medium, small, rtol=1e-2)
@@ -119,7 +120,7 @@ def test_pass_through_activations_conserve_relevance():
     ).eval()
     x = volume()
     score = class_score(0)(net(x)).detach()
-    relevance = lrp_attribute(net, x, class_score(0), epsilon=TINY)
+    relevance = lrp_attribute(net, x, class_score(0), rule="epsilon", epsilon=TINY)
     torch.testing.assert_close(per_sample(relevance), score, rtol=1e-4, atol=1e-7)
     plain = per_sample(gradient_x_input(net, x, class_score(0)))
     assert not torch.allclose(plain, score, rtol=1e-2)
@@ -134,11 +135,11 @@ def test_in_place_relu_after_rule_layers():
     )
     x = volume()
     randomise_norms(net, volume(n=4, seed=9))
-    for rule in ("epsilon", "alpha_beta"):
+    for rule in RULES:
         relevance = lrp_attribute(net, x, class_score(1), rule=rule, epsilon=TINY)
         assert torch.isfinite(relevance).all() and relevance.abs().sum() > 0
     expected = gradient_x_input(net, x, class_score(1))
-    relevance = lrp_attribute(net, x, class_score(1), epsilon=TINY)
+    relevance = lrp_attribute(net, x, class_score(1), rule="epsilon", epsilon=TINY)
     torch.testing.assert_close(relevance, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
 
 
@@ -170,7 +171,7 @@ def unet() -> UNet3D:
 def test_unet3d_epsilon(unet):
     x = volume(n=1, size=16)
     score = box_score(unet(x)).detach()
-    relevance = lrp_attribute(unet, x, box_score, epsilon=TINY)
+    relevance = lrp_attribute(unet, x, box_score, rule="epsilon", epsilon=TINY)
     assert relevance.shape == x.shape and torch.isfinite(relevance).all() and relevance.abs().sum() > 0
     # Biases and BatchNorm shifts keep their share; relevance plus those shares is the score.
     torch.testing.assert_close(per_sample(relevance) + bias_shares(unet, x, box_score), score,
@@ -192,7 +193,7 @@ def test_unet3d_without_biases_conserves(unet):
     bias_free.eval()
     x = volume(n=2, size=16)
     score = box_score(bias_free(x)).detach()
-    relevance = lrp_attribute(bias_free, x, box_score, epsilon=TINY)
+    relevance = lrp_attribute(bias_free, x, box_score, rule="epsilon", epsilon=TINY)
     torch.testing.assert_close(per_sample(relevance), score, rtol=1e-4, atol=1e-6)
 
 
@@ -231,7 +232,7 @@ def frozen_statistics(model: nn.Module) -> list:
 
 
 def assert_matches_frozen_reference(model: nn.Module, x: torch.Tensor, score_fn) -> torch.Tensor:
-    relevance = lrp_attribute(model, x, score_fn, epsilon=TINY)
+    relevance = lrp_attribute(model, x, score_fn, rule="epsilon", epsilon=TINY)
     assert relevance.shape == x.shape and torch.isfinite(relevance).all() and relevance.abs().sum() > 0
     plain = gradient_x_input(model, x, score_fn)
     handles = frozen_statistics(model)
@@ -250,7 +251,7 @@ def test_defect_classifier():
     torch.manual_seed(0)
     net = randomise_norms(DefectClassifier3D(num_classes=4), volume(n=4, size=16, seed=9))
     x = volume(n=2, size=16)
-    relevance = lrp_attribute(net, x, class_score(2), epsilon=TINY)
+    relevance = lrp_attribute(net, x, class_score(2), rule="epsilon", epsilon=TINY)
     assert relevance.shape == x.shape and torch.isfinite(relevance).all() and relevance.abs().sum() > 0
     expected = gradient_x_input(net, x, class_score(2))
     torch.testing.assert_close(relevance, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
@@ -315,11 +316,56 @@ def test_two_dimensional_net_with_functional_operations():
     torch.manual_seed(0)
     net = randomise_norms(Functional2d(), torch.randn(4, 1, 12, 12, generator=torch.Generator().manual_seed(9)))
     x = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(4))
-    relevance = lrp_attribute(net, x, class_score(1), epsilon=TINY)
+    relevance = lrp_attribute(net, x, class_score(1), rule="epsilon", epsilon=TINY)
     expected = gradient_x_input(net, x, class_score(1))
     torch.testing.assert_close(relevance, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
     relevance = lrp_attribute(net, x, class_score(1), rule="alpha_beta", alpha=2.0)
     assert relevance.shape == x.shape and torch.isfinite(relevance).all() and relevance.abs().sum() > 0
+
+
+# --- 4b: the composite rule (the default): flat on the first layer, unlike gradient x input ----------------------
+
+@pytest.mark.parametrize("output, expected", [(2, [0, 1 / 3, 1 / 3, 1 / 3, 0]), (0, [1 / 2, 1 / 2, 0, 0, 0])])
+def test_flat_rule_spreads_evenly_over_the_receptive_field(output, expected):
+    """One convolution reading the input: its output's relevance (its value) goes in equal parts to the inputs it is
+    connected to, whatever their values and the weights; zero padding takes none."""
+    layer = nn.Conv1d(1, 1, 3, padding=1)
+    x = torch.tensor([[[3.0, -1.0, 2.0, 5.0, 0.5]]])
+    score = lambda out: out[:, 0, output]  # noqa: E731
+    relevance = lrp_attribute(layer, x, score)
+    torch.testing.assert_close(relevance[0, 0], score(layer(x)).detach() * torch.tensor(expected))
+
+
+def test_default_lrp_is_not_gradient_x_input_on_the_bundled_classifier():
+    """Issue 10 measured the old default (ε = 1e-6) equal to input x gradient to 0.25 %; the composite is not. The
+    pure ε rule stays selectable and still equals it, which shows the test can fail."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from CTXAILib.engine.explain import Explainer
+    from CTXAILib.engine.geometry import Volume
+    from CTXAILib.engine.methods import get_method
+    from CTXAILib.synthetic.dataset import HELD_OUT_SEED_BASE, SPACING_MM, TYPE_TO_CLASS, classifier_patches
+    from CTXAILib.synthetic.evaluation import bundled_model
+    from CTXAILib.synthetic.phantom import generate_phantom
+
+    assert {s.name: s.default for s in get_method("lrp").settings}["rule"] == "composite"
+    seed = HELD_OUT_SEED_BASE + 400
+    patches, labels = classifier_patches(generate_phantom(seed, (96, 96, 96), SPACING_MM),
+                                         np.random.default_rng(seed), jitter=0, normal_per_defect=0.0)
+    pore = Volume(patches[labels == TYPE_TO_CLASS["pore"]][0].astype(np.float32) * 5000.0 - 1000.0,
+                  spacing=SPACING_MM)
+    explainer = Explainer(bundled_model("classifier"), device="cpu")
+    reference = explainer.explain(pore, "input_x_gradient", "pore").attribution.array.ravel()
+
+    def rank_correlation(**settings) -> float:
+        result = explainer.explain(pore, "lrp", "pore", settings=settings)
+        assert result.prediction["predicted_class"] == "pore"
+        return spearmanr(result.attribution.array.ravel(), reference)[0]
+
+    # Measured: composite -0.00, pure ε 1.00.
+    assert rank_correlation() < 0.9
+    assert rank_correlation(rule="epsilon") > 0.99
 
 
 # --- 5: the αβ rule -----------------------------------------------------------------------------------------------
@@ -458,7 +504,7 @@ def test_alpha2_beta1_on_bias_free_net(pool):
 
 # --- 6: batches, the model left unchanged, grad modes, devices ----------------------------------------------------
 
-@pytest.mark.parametrize("rule", ["epsilon", "alpha_beta"])
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 def test_batch_equals_each_sample_alone(unet, rule, dtype, tolerance):
     """Exact in float64; in float32 convolutions round differently for a batch of 2 and of 1 (~1e-6 relative)."""
@@ -481,7 +527,7 @@ def test_model_is_left_unchanged():
     before = net(x).detach()
     state = {key: value.clone() for key, value in net.state_dict().items()}
     flags = [parameter.requires_grad for parameter in net.parameters()]
-    for rule in ("epsilon", "alpha_beta"):
+    for rule in RULES:
         lrp_attribute(net, x, class_score(1), rule=rule, alpha=2.0)
     with pytest.raises(MethodError):
         lrp_attribute(net, x, lambda output: output)
@@ -506,7 +552,7 @@ def test_runs_under_no_grad_and_inference_mode():
         torch.testing.assert_close(lrp_attribute(net, x_inference, class_score(1)), expected)
 
 
-@pytest.mark.parametrize("rule", ["epsilon", "alpha_beta"])
+@pytest.mark.parametrize("rule", RULES)
 def test_runs_under_bfloat16_autocast(unet, rule):
     x = volume(n=1, size=16)
     full = lrp_attribute(unet, x, box_score, rule=rule)
@@ -518,7 +564,7 @@ def test_runs_under_bfloat16_autocast(unet, rule):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("rule", ["epsilon", "alpha_beta"])
+@pytest.mark.parametrize("rule", RULES)
 def test_cuda_matches_cpu(unet, rule):
     x = volume(n=2, size=16)
     on_cpu = lrp_attribute(unet, x, box_score, rule=rule, alpha=2.0)

@@ -94,3 +94,16 @@ def test_point_and_contrast_targets(tmp_path, volume, volume_file, classifier_ca
                    "--target", "pore", "--contrast", "crack") == 0
     record = json.loads((tmp_path / "run.json").read_text())
     assert record["target"]["contrast"] == "crack"
+
+
+@pytest.mark.parametrize("method", ["lime", "kernel_shap"])
+def test_supervoxel_maps_report_their_ties(method, volume, classifier_card):
+    """A supervoxel gives all its voxels one value, so "the strongest voxel" is a tie that the run must report."""
+    from CTXAILib import Explainer
+
+    result = Explainer(classifier_card, device="cpu").explain(volume, method, "pore",
+                                                             settings={**FAST[method], "supervoxels": 6})
+    magnitude = np.abs(result.attribution.array)
+    ties = int((magnitude == magnitude.max()).sum())
+    assert ties > 8
+    assert any(f"{ties} voxels share the map's maximum" in w for w in result.warnings), result.warnings

@@ -13,7 +13,7 @@ from CTXAILib.scene.bridge import (add_run, find_runs, ijk_box_from_roi, ijk_fro
 
 from mrml_helpers import add_volume_node
 
-EXPLANATION = {"method": "integrated_gradients", "signed": True, "family": "gradient", "model": "unet",
+EXPLANATION = {"method": "integrated_gradients", "sign": "attribution", "family": "gradient", "model": "unet",
                "settings": {"steps": 32}, "target": {"class": "void", "contrast": None, "score": "logit",
                                                       "region": "IJK box"},
                "layer": None, "timings": {"total_s": 1.5}, "device": "cpu", "warnings": [],
@@ -130,7 +130,7 @@ def test_run_nodes_views_and_colours(slicer_app):
         assert composite.GetForegroundOpacity() == pytest.approx(0.6)
     attribution = scene.GetNodeByID(run.attribution)
     display = attribution.GetDisplayNode()
-    assert display.GetColorNode().GetName() == "CTXAI diverging"  # signed method
+    assert display.GetColorNode().GetName() == "CTXAI diverging"  # an attribution method
     assert display.GetWindowLevelMin() == pytest.approx(-display.GetWindowLevelMax())
     labels = scene.GetNodeByID(run.labels)
     assert labels.IsA("vtkMRMLLabelMapVolumeNode") and labels.GetDisplayNode().GetColorNode().GetName() == "CTXAI relevance"
@@ -174,13 +174,27 @@ def test_run_table_shows_the_verdict_and_each_check(slicer_app):
     assert find_runs(scene)[-1].explanation["verdict"]["verdict"] == "caution"
 
 
-def test_unsigned_runs_use_heat(slicer_app):
+@pytest.mark.parametrize("method, colours, legend", [
+    ("integrated_gradients", "CTXAI diverging", "red: for the target, blue: against"),
+    ("guided_backprop", "CTXAI diverging", "red: the score rises as the grey value rises, blue: it rises as the "
+                                           "grey value falls"),
+    ("gradcam", "CTXAI heat", "relevance (no sign)")])
+def test_colours_and_legend_follow_the_methods_declared_sign(slicer_app, method, colours, legend):
+    from CTXAILib.engine.methods import get_method
+
     scene = slicer_app.scene
     node = add_volume_node(scene, oblique_ct())
-    run = add_run(scene, node, attribution_like(volume_from_node(node), signed=False),
-                  {**EXPLANATION, "signed": False}, render_3d=False)
+    sign = get_method(method).sign
+    run = add_run(scene, node, attribution_like(volume_from_node(node), signed=sign != "magnitude"),
+                  {**EXPLANATION, "method": method, "sign": sign}, render_3d=False)
     display = scene.GetNodeByID(run.attribution).GetDisplayNode()
-    assert display.GetColorNode().GetName() == "CTXAI heat" and display.GetWindowLevelMin() == 0.0
+    assert display.GetColorNode().GetName() == colours
+    low, high = display.GetWindowLevelMin(), display.GetWindowLevelMax()
+    assert low == (-high if colours == "CTXAI diverging" else 0.0)
+    table = scene.GetNodeByID(run.table)
+    rows = {table.GetCellText(r, 0): table.GetCellText(r, 1) for r in range(table.GetNumberOfRows())}
+    assert rows["Colours"].startswith(legend)
+    assert find_runs(scene)[-1].sign == sign  # a saved scene keeps the meaning
     assert run.volume_rendering is None
     set_render_3d(scene, run, True, slicer_app.vr_logic)
     assert scene.GetNodeByID(run.volume_rendering).GetVisibility()

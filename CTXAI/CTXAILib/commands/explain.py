@@ -51,9 +51,9 @@ def _cmd_methods(args) -> int:
         print(json.dumps([s.to_dict() for s in specs], indent=2))
         return 0
     for spec in specs:
-        flags = ", ".join(f for f, on in (("signed", spec.signed), ("needs layer", spec.needs_layer),
+        flags = ", ".join(f for f, on in (("needs layer", spec.needs_layer),
                                           ("segmentation only", spec.segmentation_only)) if on)
-        print(f"{spec.name:20s} {spec.family:13s} {spec.summary}" + (f" [{flags}]" if flags else ""))
+        print(f"{spec.name:20s} {spec.family:13s} {spec.sign:12s} {spec.summary}" + (f" [{flags}]" if flags else ""))
         for setting in spec.settings:
             print(f"{'':22s}--set {setting.name}={setting.default!s:12s} {setting.help}")
     return 0

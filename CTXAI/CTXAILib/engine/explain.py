@@ -28,6 +28,7 @@ from .methods.registry import MethodSpec, TileContext, VolumeContext, get_method
 from .models import LoadedModel, load_model
 from .progress import CancelToken, ProgressCallback, RunMonitor
 from .runtime import MemoryBudget, activation_bytes, autocast, is_out_of_memory, resolve_device, with_backoff
+from .signs import SIGNS
 from .sliding import TileGrid, batched, crop_padded, predict_tiles
 from .targets import ResolvedTarget, Target
 
@@ -104,7 +105,7 @@ class Explanation:
     attribution: Volume
     method: str
     settings: dict[str, Any]
-    signed: bool
+    sign: str  # the method's: a key of CTXAILib.engine.signs.SIGNS
     family: str
     target: dict[str, Any]
     layer: str | None
@@ -119,6 +120,10 @@ class Explanation:
     quality: dict[str, Any] = field(default_factory=dict)
     fixed_target: Target | None = None  # the target as resolved: re-explains the same voxels on a changed model
     runner_up: str | None = None        # classification: the second most probable class of the explained patch
+
+    @property
+    def signed(self) -> bool:
+        return SIGNS[self.sign].signed
 
 
 @dataclass
@@ -533,7 +538,7 @@ class Explainer:
         timings["total_s"] = time.perf_counter() - started
         monitor.report("done", 1.0)
         return Explanation(
-            attribution=attribution, method=spec.name, settings=values, signed=spec.signed, family=spec.family,
+            attribution=attribution, method=spec.name, settings=values, sign=spec.sign, family=spec.family,
             target={"class": card.class_names[resolved.class_index],
                     "contrast": None if resolved.contrast_index is None else card.class_names[resolved.contrast_index],
                     "score": score, "region": target.region.describe(),

@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from ..engine.geometry import Volume, atomic_output
+from ..engine.signs import SIGNS
 
 __all__ = ["triplanar_png"]
 
@@ -46,15 +47,17 @@ def _heat_rgba(values: np.ndarray, signed: bool, top: float) -> np.ndarray:
 
 
 def triplanar_png(ct: Volume, attribution: Volume, path: str | Path, centre_ijk: Sequence[int], *,
-                  signed: bool, title: str, outline: np.ndarray | None = None, window: tuple[float, float] = (-1000.0,
+                  sign: str, title: str, outline: np.ndarray | None = None, window: tuple[float, float] = (-1000.0,
                   4000.0), field_voxels: int = 64) -> Path:
-    """Axial, coronal and sagittal views through ``centre_ijk``: CT in grey, the attribution on top (diverging
-    for signed maps, heat otherwise), and ``outline`` (a boolean ground-truth mask) as a green contour."""
+    """Axial, coronal and sagittal views through ``centre_ijk``: CT in grey, the attribution on top in the colours
+    of its method's ``sign`` (a key of :data:`~CTXAILib.engine.signs.SIGNS`), and ``outline`` (a boolean
+    ground-truth mask) as a green contour."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    meaning = SIGNS[sign]
     magnitude = np.abs(attribution.array[attribution.array != 0])
     top = float(np.percentile(magnitude, 99.5)) if magnitude.size else 1.0
     top = top if top > 0 else 1.0
@@ -70,7 +73,7 @@ def triplanar_png(ct: Volume, attribution: Volume, path: str | Path, centre_ijk:
                                                          centres_2d):
         view = _window(image.shape, c2, field_voxels)
         axis.imshow(image[view], cmap="gray", vmin=window[0], vmax=window[1], aspect=aspect, interpolation="nearest")
-        axis.imshow(_heat_rgba(heat[view], signed, top), aspect=aspect, interpolation="nearest")
+        axis.imshow(_heat_rgba(heat[view], meaning.signed, top), aspect=aspect, interpolation="nearest")
         if mask is not None and mask[view].any():
             axis.contour(mask[view].astype(float), levels=[0.5], colors="lime", linewidths=1.0)
         axis.axhline(c2[0] - view[0].start, color="white", lw=0.4, alpha=0.5)
@@ -79,8 +82,8 @@ def triplanar_png(ct: Volume, attribution: Volume, path: str | Path, centre_ijk:
         axis.set_xticks([])
         axis.set_yticks([])
     figure.suptitle(title, fontsize=10)
-    figure.text(0.5, 0.02, "grey: CT; colour: attribution (" + ("red for, blue against the class" if signed else
-                "heat, stronger is brighter") + "); green: ground-truth defect outline", ha="center", fontsize=8)
+    figure.text(0.5, 0.02, f"grey: CT; colour: {meaning.legend}; green: ground-truth defect outline", ha="center",
+                fontsize=8)
     figure.tight_layout(rect=(0, 0.05, 1, 0.95))
     with atomic_output(path) as tmp:
         figure.savefig(tmp, dpi=90, format="png")

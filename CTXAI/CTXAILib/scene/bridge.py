@@ -5,9 +5,9 @@ Works on the real Slicer scene and on a bare ``slicer-core`` scene (no Qt, no ``
 functions so that the engine package never needs them.
 
 A run's results live in one subject-hierarchy folder: the float attribution volume (the input's exact geometry,
-coloured with a diverging map for signed methods and a heat map otherwise), a label map of the most relevant
-voxels, the segmentation model's confidence map when there is one, a table of the prediction and settings, and a
-volume rendering of the attribution. The attribution is the foreground and the label map the label layer of the
+coloured and labelled as the method's sign means: :data:`~CTXAILib.engine.signs.SIGNS`), a label map of the most
+relevant voxels, the segmentation model's confidence map when there is one, a table of the prediction and settings,
+and a volume rendering of the attribution. The attribution is the foreground and the label map the label layer of the
 Red, Green and Yellow views. :func:`add_run` either creates all of it or leaves the scene untouched.
 """
 
@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..engine.geometry import Box, Volume
+from ..engine.signs import SIGNS
 from ..errors import InputError, RegionError
 
 __all__ = ["RunNodes", "volume_from_node", "ijk_box_from_roi", "ijk_from_ras", "add_run", "set_top_percent",
@@ -127,11 +128,15 @@ class RunNodes:
     input: str
     confidence: str | None = None
     volume_rendering: str | None = None
-    signed: bool = False
+    sign: str = "magnitude"  # the method's, a key of SIGNS
     top_percent: float = 5.0
     opacity: float = 0.5
     colormap: str = "auto"
     explanation: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def signed(self) -> bool:
+        return SIGNS[self.sign].signed
 
 
 def _color_table(scene, name: str, entries: Sequence[tuple[float, float, float, float]]):
@@ -225,12 +230,12 @@ def add_run(scene, input_node, attribution: Volume, explanation: dict[str, Any],
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     folder = 0
     try:
-        signed = bool(explanation.get("signed"))
+        sign = SIGNS[explanation.get("sign", "magnitude")]
         target = explanation.get("target", {})
         name = name or f"CTXAI {explanation.get('method', 'run')} {target.get('class', '')}".strip()
         attribution_node = _add_volume(scene, "vtkMRMLScalarVolumeNode", f"{name} attribution", attribution,
                                        input_node)
-        labels_volume = attribution.with_array(_relevance_labels(attribution.array, signed, top_percent))
+        labels_volume = attribution.with_array(_relevance_labels(attribution.array, sign.signed, top_percent))
         labels_node = _add_volume(scene, "vtkMRMLLabelMapVolumeNode", f"{name} top {top_percent:g}%",
                                   labels_volume, input_node)
         labels_node.GetDisplayNode().SetAndObserveColorNodeID(_relevance_colors(scene).GetID())
@@ -242,11 +247,11 @@ def add_run(scene, input_node, attribution: Volume, explanation: dict[str, Any],
             display.SetAndObserveColorNodeID(_heat_colors(scene).GetID())
             display.AutoWindowLevelOff()
             display.SetWindowLevelMinMax(0.0, 1.0)
-        _style_attribution(scene, attribution_node, attribution.array, signed, colormap)
+        _style_attribution(scene, attribution_node, attribution.array, sign.name, colormap)
         table = _run_table(scene, f"{name} summary", explanation)
         run = RunNodes(folder=0, attribution=attribution_node.GetID(), labels=labels_node.GetID(),
                        table=table.GetID(), input=input_node.GetID(),
-                       confidence=None if confidence_node is None else confidence_node.GetID(), signed=signed,
+                       confidence=None if confidence_node is None else confidence_node.GetID(), sign=sign.name,
                        top_percent=top_percent, opacity=opacity, colormap=colormap, explanation=explanation)
         if render_3d:
             run.volume_rendering = _volume_rendering(scene, attribution_node, volume_rendering_logic)
@@ -276,10 +281,10 @@ def _remove_new_nodes(scene, before: set[str], sh, folder: int) -> None:
         sh.RemoveItem(folder, False, True)
 
 
-def _style_attribution(scene, node, values: np.ndarray, signed: bool, colormap: str) -> None:
+def _style_attribution(scene, node, values: np.ndarray, sign: str, colormap: str) -> None:
     display = node.GetDisplayNode()
     if colormap == "auto":
-        colormap = "diverging" if signed else "heat"
+        colormap = SIGNS[sign].colormap
     colour_node = {"heat": _heat_colors, "diverging": _diverging_colors}.get(colormap)
     display.SetAndObserveColorNodeID(colour_node(scene).GetID() if colour_node else colormap)
     display.AutoWindowLevelOff()
@@ -288,7 +293,7 @@ def _style_attribution(scene, node, values: np.ndarray, signed: bool, colormap: 
     top = float(np.percentile(magnitude, 99.9)) if magnitude.size else 1.0
     top = top if top > 0 else 1.0
     # Diverging maps centre zero; a heat map shows positive evidence only, whatever the method's sign.
-    symmetric = colormap == "diverging" or (colour_node is None and signed)
+    symmetric = colormap == "diverging" or (colour_node is None and SIGNS[sign].signed)
     display.SetWindowLevelMinMax(-top if symmetric else 0.0, top)
     display.SetInterpolate(1)
 
@@ -316,6 +321,7 @@ def _summary_rows(explanation: dict[str, Any]) -> list[tuple[str, str]]:
     target = explanation.get("target", {})
     rows = [("Model", str(explanation.get("model", ""))),
             ("Method", str(explanation.get("method", ""))),
+            ("Colours", SIGNS[explanation.get("sign", "magnitude")].legend),
             ("Target", f"{target.get('class')}" + (f" minus {target['contrast']}" if target.get("contrast") else "")
              + f" ({target.get('score')}), {target.get('region')}")]
     if prediction.get("task") == "classification":
@@ -426,7 +432,7 @@ def set_colormap(scene, run: RunNodes, colormap: str) -> None:
     if colormap not in COLORMAPS and scene.GetNodeByID(colormap) is None:
         raise InputError(f"Unknown colour map {colormap!r}: use {', '.join(COLORMAPS)} or a colour node ID.")
     attribution = scene.GetNodeByID(run.attribution)
-    _style_attribution(scene, attribution, _node_array(attribution), run.signed, colormap)
+    _style_attribution(scene, attribution, _node_array(attribution), run.sign, colormap)
     if run.volume_rendering is not None:
         _sync_volume_rendering(scene.GetNodeByID(run.volume_rendering), attribution)
     run.colormap = colormap
@@ -449,7 +455,7 @@ def _save_state(scene, run: RunNodes) -> None:
     for name in _REFERENCES:
         attribution.SetNodeReferenceID(f"CTXAI.{name}", getattr(run, name))
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
-    state = {"signed": run.signed, "top_percent": run.top_percent, "opacity": run.opacity,
+    state = {"sign": run.sign, "top_percent": run.top_percent, "opacity": run.opacity,
              "colormap": run.colormap, "explanation": run.explanation}
     sh.SetItemAttribute(run.folder, _STATE, json.dumps(state, default=str))
 

@@ -119,7 +119,7 @@ def run_demo(out: str | Path, seed: int = DEMO_SEED, shape: tuple[int, int, int]
                 written = write_explanation(result, ct, explainer.model, folder,
                                             extra={"demo": {"detection": detection, "ground_truth": truth}})
                 picture = triplanar_png(
-                    ct, result.attribution, folder / "triplanar.png", (i, j, k), signed=result.signed, outline=outline,
+                    ct, result.attribution, folder / "triplanar.png", (i, j, k), sign=result.sign, outline=outline,
                     title=f"{method} of the {model_name} for '{result.target['class']}' at voxel {(i, j, k)}; "
                           f"ground truth: {truth['type'] if truth else 'none'}")
                 explanations.append({"name": name, "model": model_name, "method": method,

@@ -259,8 +259,9 @@ class Worker:
         record = run_record(result, volume, explainer.model, outputs={k: v["path"] for k, v in outputs.items()})
         record.update(verified)
         return {**outputs, "record": record, "model_reused": reused,
-                "explanation": {"method": result.method, "signed": result.signed, "family": result.family,
-                                "settings": result.settings, "target": result.target, "layer": result.layer,
+                "explanation": {"method": result.method, "sign": result.sign, "signed": result.signed,
+                                "family": result.family, "settings": result.settings, "target": result.target,
+                                "layer": result.layer,
                                 "prediction": result.prediction, "timings": result.timings,
                                 "quality": result.quality, **verified,
                                 "extent": {"lo": list(result.extent.lo), "hi": list(result.extent.hi)},

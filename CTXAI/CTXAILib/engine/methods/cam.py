@@ -80,9 +80,10 @@ def guided_gradcam(ctx: TileContext, settings: dict) -> torch.Tensor:
     return GuidedGradCam(ctx.score, ctx.layer).attribute(ctx.x, interpolate_mode=settings["upsample"])[0]
 
 
-def _cam(name: str, label: str, summary: str, kernel, samples: float = 1.0, signed: bool = False,
+def _cam(name: str, label: str, summary: str, kernel, samples: float = 1.0, sign: str = "magnitude",
          statistics=None) -> None:
-    register(MethodSpec(name, label, "cam", summary, signed=signed, aggregation="blend", kernel=kernel,
+    # CAMs are cut at zero (ReLU), so "magnitude" unless the kernel keeps a sign.
+    register(MethodSpec(name, label, "cam", summary, sign=sign, aggregation="blend", kernel=kernel,
                         samples=lambda s, shape: samples, settings=(_UPSAMPLE,), needs_layer=True,
                         needs_hooks=True, statistics=statistics))
 
@@ -99,4 +100,5 @@ _cam("hirescam", "HiResCAM", "Element-wise gradient x activation summed over cha
 _cam("layercam", "LayerCAM", "Activations weighted by their positive gradients per location (Jiang et al. 2021).",
      layercam)
 _cam("guided_gradcam", "Guided Grad-CAM", "Guided backprop multiplied by the upsampled Grad-CAM: fine detail "
-     "inside the Grad-CAM region (Selvaraju et al. 2017).", guided_gradcam, samples=2.0, signed=True)
+     "inside the Grad-CAM region (Selvaraju et al. 2017).", guided_gradcam, samples=2.0,
+     sign="sensitivity")  # guided backprop (a direction of change) times a non-negative CAM

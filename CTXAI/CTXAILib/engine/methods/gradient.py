@@ -142,15 +142,16 @@ def _one(settings: dict, shape: tuple) -> float:
 
 register(MethodSpec(
     "saliency", "Saliency", "gradient", "Magnitude of the target's gradient per voxel (Simonyan et al. 2014).",
-    signed=False, absolute=True, aggregation="sum", kernel=saliency, samples=_one))
+    sign="magnitude", absolute=True, aggregation="sum", kernel=saliency, samples=_one))
 register(MethodSpec(
     "input_x_gradient", "Input x gradient", "gradient", "Gradient times the normalised input per voxel.",
-    signed=True, aggregation="sum", kernel=input_x_gradient, samples=_one))
+    # Relative to the all-zero input (air under a window normalisation): the first-order share of f(x) - f(0).
+    sign="attribution", aggregation="sum", kernel=input_x_gradient, samples=_one))
 register(MethodSpec(
     "integrated_gradients", "Integrated Gradients", "gradient",
     "Gradients integrated along the straight path from a baseline to the input (Sundararajan et al. 2017); "
     "the map sums to f(input) - f(baseline).",
-    signed=True, aggregation="sum", kernel=integrated_gradients,
+    sign="attribution", aggregation="sum", kernel=integrated_gradients,
     samples=lambda s, shape: float(s["steps"]),
     settings=(Setting("steps", "int", 32, "Integration steps along the path (more: closer to completeness).",
                       minimum=2, maximum=1024),
@@ -161,14 +162,14 @@ register(MethodSpec(
 register(MethodSpec(
     "smoothgrad", "SmoothGrad", "gradient",
     "Gradient averaged over noisy copies of the input (Smilkov et al. 2017); shows the magnitude.",
-    signed=False, absolute=True, aggregation="sum", kernel=smoothgrad,
+    sign="magnitude", absolute=True, aggregation="sum", kernel=smoothgrad,
     samples=lambda s, shape: float(s["samples"]),
     settings=(Setting("samples", "int", 16, "Noisy copies averaged.", minimum=1, maximum=1024), _NOISE)))
 register(MethodSpec(
     "gradient_shap", "GradientSHAP", "gradient",
     "Expected gradients over random points between noisy input copies and a distribution of baselines "
     "(Lundberg and Lee 2017).",
-    signed=True, aggregation="sum", kernel=gradient_shap,
+    sign="attribution", aggregation="sum", kernel=gradient_shap,
     samples=lambda s, shape: float(s["samples"]),
     settings=(Setting("samples", "int", 16, "Random samples averaged.", minimum=1, maximum=1024),
               Setting("baselines", "int", 6, "Baselines in the reference distribution (air, part mean, blurred, "
@@ -177,16 +178,17 @@ register(MethodSpec(
 register(MethodSpec(
     "deeplift", "DeepLIFT", "gradient",
     "Differences from a baseline propagated with the rescale rule (Shrikumar et al. 2017).",
-    signed=True, aggregation="sum", kernel=deeplift, samples=lambda s, shape: 2.0, needs_hooks=True,
+    sign="attribution", aggregation="sum", kernel=deeplift, samples=lambda s, shape: 2.0, needs_hooks=True,
     settings=(_BASELINE, _SIGMA)))
 register(MethodSpec(
     "deepshap", "DeepSHAP", "gradient",
     "DeepLIFT averaged over a distribution of baselines: approximate SHAP values (Lundberg and Lee 2017).",
-    signed=True, aggregation="sum", kernel=deepshap, samples=lambda s, shape: 2.0 * s["baselines"],
+    sign="attribution", aggregation="sum", kernel=deepshap, samples=lambda s, shape: 2.0 * s["baselines"],
     needs_hooks=True,
     settings=(Setting("baselines", "int", 6, "Baselines in the reference distribution.", minimum=2, maximum=64),
               _SIGMA)))
 register(MethodSpec(
     "guided_backprop", "Guided backprop", "gradient",
     "Gradient with negative signals stopped at every ReLU (Springenberg et al. 2015).",
-    signed=True, aggregation="sum", kernel=guided_backprop, samples=_one, needs_hooks=True))
+    # A gradient (with ReLU-gated back signals) says which way the score moves, not for/against.
+    sign="sensitivity", aggregation="sum", kernel=guided_backprop, samples=_one, needs_hooks=True))

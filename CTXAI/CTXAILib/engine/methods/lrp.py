@@ -12,6 +12,13 @@ relevance propagation: an overview", in Explainable AI, LNCS 11700, pp. 193-209)
   (``z_k-``) sums the positive (negative) contributions and the positive (negative) part of the bias. The sign of a
   contribution is that of activation times weight, so signed inputs (normalised CT, BatchNorm outputs) are handled:
   a negative input through a negative weight contributes positively. α = 1, β = 0 keeps only positive evidence.
+* Flat: ``R_j = sum_k R_k / n_k`` over the ``n_k`` inputs connected to output ``k``: the relevance is spread evenly
+  over each output's receptive field, whatever the input's values.
+* Composite (the default): ε on Linear layers, α1β0 (z⁺) on convolutions and flat on the layers that read the
+  input itself, as Montavon et al. 2019 and Kohlbrenner et al. 2020 ("Towards best practice in explaining neural
+  network decisions with LRP", IJCNN) recommend. Pure ε (with ε -> 0) is input x gradient, and on CT input x
+  gradient is mostly the grey value times a smooth gradient; z⁺ keeps the convolutions' noisy negative evidence
+  from cancelling, and flat makes the map the receptive field's, not the grey value's.
 
 The relevance is computed as "modified gradient x input": forward hooks replace the output of every rule-bearing
 layer by a tensor of the same value whose backward applies the rule, one backward pass from the score gives a
@@ -21,11 +28,12 @@ which conserves relevance wherever the operation is linear or positively homogen
 interpolation are linear without bias, a max pool hands everything to its winner, and ReLU/LeakyReLU/PReLU pass
 ``R`` unchanged. Layers and their rules:
 
-* Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear: the chosen rule (ε or αβ).
+* Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear: the chosen rule (ε or αβ), or the composite's rule for the layer.
 * BatchNorm (eval), InstanceNorm, GroupNorm, LayerNorm: their statistics are held constant, which makes each an
   element-wise affine map ``k * x + shift``. Under αβ, one that an ``nn.Sequential`` feeds straight from a
   Conv/Linear layer is merged with it (the "canonisation" of LRP practice): αβ then sees the contributions
-  ``a_j w_jk k_k``, whose sign depends on the sign of ``k``, and the summed shift as bias. Otherwise the layer takes
+  ``a_j w_jk k_k``, whose sign depends on the sign of ``k``, and the summed shift as bias (the composite merges
+  into its convolutions likewise). Otherwise the layer takes
   the ε rule, under both rules: αβ has no meaning on one-to-one connections (with α = 2 it would double the
   relevance). Under ε, merging would only move where ε enters.
 * ELU, CELU, SELU, GELU, SiLU, Mish, Tanh, Hardtanh (ReLU6), Softsign, Hardswish: relevance passes unchanged, as
@@ -51,7 +59,7 @@ from .registry import MethodSpec, Setting, TileContext, register
 
 __all__ = ["RULES", "lrp_attribute"]
 
-RULES: tuple[str, ...] = ("epsilon", "alpha_beta")
+RULES: tuple[str, ...] = ("composite", "epsilon", "alpha_beta")
 """The LRP rules :func:`lrp_attribute` knows."""
 
 _AFFINE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
@@ -65,7 +73,7 @@ _RULE_PARAMETERS = {"weight", "bias"}
 
 
 def lrp_attribute(model: nn.Module, inputs: torch.Tensor, score_fn: Callable[[torch.Tensor], torch.Tensor], *,
-                  rule: str = "epsilon", epsilon: float = 1e-6, alpha: float = 1.0) -> torch.Tensor:
+                  rule: str = "composite", epsilon: float = 1e-6, alpha: float = 1.0) -> torch.Tensor:
     """Relevance of every input element for one score per sample, by LRP.
 
     Args:
@@ -74,10 +82,11 @@ def lrp_attribute(model: nn.Module, inputs: torch.Tensor, score_fn: Callable[[to
         inputs: (N, C, *spatial), e.g. (N, C, D, H, W); floating point, on the model's device.
         score_fn: maps the model output to the explained scores, shape (N,): a logit, or class-1 logits summed over
             a region. It must be differentiable and linear in the output; it is part of the propagated graph.
-        rule: ``"epsilon"`` (LRP-ε) or ``"alpha_beta"`` (LRP-αβ with β = α - 1).
-        epsilon: the ε stabiliser, > 0. Used by the ε rule, and under αβ by the normalisation layers that are not
-            merged into the Conv/Linear layer before them.
-        alpha: α >= 1 of the αβ rule.
+        rule: ``"composite"`` (ε on Linear, α1β0 on convolutions, flat on the layers that read ``inputs``),
+            ``"epsilon"`` (LRP-ε) or ``"alpha_beta"`` (LRP-αβ with β = α - 1).
+        epsilon: the ε stabiliser, > 0. Used by the ε rule (the composite's Linear layers), and under αβ by the
+            normalisation layers that are not merged into the Conv/Linear layer before them.
+        alpha: α >= 1 of the αβ rule (the composite's is 1).
 
     Returns:
         The relevance, same shape, dtype and device as ``inputs``, detached. Per sample it sums to the score up to
@@ -101,15 +110,22 @@ def lrp_attribute(model: nn.Module, inputs: torch.Tensor, score_fn: Callable[[to
         # The caller may be in no_grad or inference mode (the engine's other paths are); LRP needs a graph.
         with torch.inference_mode(False), torch.enable_grad():
             x = inputs.detach().clone().requires_grad_(True)
+            propagation.first_input = x
             scores = score_fn(model(x))
             _check_scores(scores, x.shape[0])
-            (gradient,) = torch.autograd.grad(scores.sum(), x, allow_unused=True)
+            leaves = [x] + [z for *_, z in propagation.flat]
+            gradients = torch.autograd.grad(scores.sum(), leaves, allow_unused=True)
     finally:
         for handle in handles:
             handle.remove()
-    if gradient is None:
+    if all(gradient is None for gradient in gradients):
         raise _not_differentiable()
-    return (x * gradient).detach()
+    with torch.inference_mode(False):
+        relevance = torch.zeros_like(x) if gradients[0] is None else x * gradients[0]
+        for (module, rest, kwargs, z), gradient in zip(propagation.flat, gradients[1:]):
+            if gradient is not None:
+                relevance = relevance + _flat_relevance(module, rest, kwargs, x, z * gradient)
+    return relevance.detach()
 
 
 def _checked_settings(rule: str, epsilon: float, alpha: float) -> tuple[str, float, float]:
@@ -192,10 +208,14 @@ class _Propagation:
     def __init__(self, rule: str, epsilon: float, alpha: float, model: nn.Module, names: dict[nn.Module, str]):
         self.rule = rule
         self.epsilon = epsilon
-        self.alpha = alpha
-        self.beta = alpha - 1.0
+        self.alpha = 1.0 if rule == "composite" else alpha
+        self.beta = self.alpha - 1.0
         self.names = names
-        self.norm_after = _norms_after_layers(model) if rule == "alpha_beta" else {}
+        self.norm_after = _norms_after_layers(model) if rule != "epsilon" else {}
+        # The composite's flat rule: the model input, and per call of a layer reading it (layer, other arguments,
+        # keyword arguments, the output as a leaf where the backward stops).
+        self.first_input: torch.Tensor | None = None
+        self.flat: list[tuple[nn.Module, tuple, dict, torch.Tensor]] = []
         # Set while αβ re-runs a layer in backward, so that the layer's own hook stays out of the re-run.
         self.recomputing = False
         self.activation_inputs: dict[nn.Module, list[torch.Tensor]] = {}
@@ -204,6 +224,8 @@ class _Propagation:
     def attach(self, module: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
         """Hook ``module`` if it has a rule; return the handles that remove the hooks."""
         if isinstance(module, _AFFINE):
+            if self.rule == "composite":
+                return [module.register_forward_hook(self._composite, with_kwargs=True)]
             if self.rule == "alpha_beta":
                 return [module.register_forward_hook(self._alpha_beta, with_kwargs=True)]
             return [module.register_forward_hook(self._epsilon)]
@@ -221,6 +243,18 @@ class _Propagation:
                 "its input tensor as first positional argument. Call it as layer(x) in forward(), or use a gradient "
                 "method.")
         return args[0]
+
+    def _composite(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+        if self.recomputing:
+            return None
+        if self._input(module, args) is self.first_input:
+            # Flat, computed once the backward has reached this output (lrp_attribute): stop the backward here.
+            leaf = output.detach().requires_grad_(True)
+            self.flat.append((module, args[1:], kwargs, leaf))
+            return leaf
+        if isinstance(module, nn.Linear):
+            return self._epsilon(module, args, output)
+        return self._alpha_beta(module, args, kwargs, output)
 
     def _epsilon(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         if not self._input(module, args).requires_grad:
@@ -320,6 +354,24 @@ class _Propagation:
         finally:
             self.recomputing = False
         return torch.where(a > 0, g_pos, g_neg).to(a.dtype)
+
+
+def _flat_relevance(module: nn.Module, rest: tuple, kwargs: dict, a: torch.Tensor,
+                    relevance: torch.Tensor) -> torch.Tensor:
+    """The flat rule: ``R_j = sum_k R_k / n_k`` for the input ``a`` of ``module``, its output relevance given.
+
+    Re-running the layer with unit weights, no bias, on a tensor of ones counts each output's connections ``n_k``
+    (zero padding counts none), and the gradient of that run weighted by ``R_k / n_k`` is the sum over ``k``.
+    """
+    dtype = _compute_dtype(a.dtype, module.weight.dtype)
+    parameters = {"weight": torch.ones_like(module.weight, dtype=dtype)}
+    if module.bias is not None:
+        parameters["bias"] = torch.zeros_like(module.bias, dtype=dtype)
+    with torch.enable_grad(), torch.autocast(a.device.type, enabled=False):
+        ones = torch.ones_like(a, dtype=dtype).requires_grad_(True)
+        counts = functional_call(module, parameters, (ones, *rest), kwargs)
+        (spread,) = torch.autograd.grad(counts, ones, _divide(relevance.to(dtype), counts.detach()))
+    return spread.to(a.dtype)
 
 
 def _norms_after_layers(model: nn.Module) -> dict[nn.Module, nn.Module]:
@@ -436,11 +488,13 @@ def lrp(ctx: TileContext, settings: dict) -> torch.Tensor:
 
 register(MethodSpec(
     "lrp", "LRP", "relevance",
-    "The target's logit redistributed layer by layer onto the voxels (Bach et al. 2015), with the epsilon or "
-    "alpha-beta rule on 3-D convolutions, norms and pooling.",
-    signed=True, aggregation="sum", kernel=lrp, samples=lambda s, shape: 1.0, needs_hooks=True,
-    settings=(Setting("rule", "choice", "epsilon", "epsilon: conservative, close to gradient x input; alpha_beta: "
-                      "positive and negative evidence weighted separately.", choices=RULES),
+    "The target's logit redistributed layer by layer onto the voxels (Bach et al. 2015), with a composite of "
+    "the epsilon, alpha-beta and flat rules (or one of the first two) on 3-D convolutions, norms and pooling.",
+    sign="attribution", aggregation="sum", kernel=lrp, samples=lambda s, shape: 1.0, needs_hooks=True,
+    settings=(Setting("rule", "choice", "composite", "composite: epsilon on dense layers, alpha1-beta0 on "
+                      "convolutions, flat on the first layer (LRP best practice); epsilon: conservative, equal to "
+                      "gradient x input as epsilon -> 0; alpha_beta: positive and negative evidence weighted "
+                      "separately.", choices=RULES),
               Setting("epsilon", "float", 1e-6, "Stabiliser of the epsilon rule (larger: sparser, less noisy).",
                       minimum=1e-12, maximum=10.0),
               Setting("alpha", "float", 1.0, "alpha of the alpha-beta rule (beta = alpha - 1).", minimum=1.0,

@@ -1,9 +1,9 @@
 """The registry of attribution methods and the contexts their kernels receive.
 
 Each :class:`MethodSpec` declares what the panel, the CLI and the scheduler need to know without running it: its
-family, whether its map is signed, whether it needs a layer or hookable Python modules, how its tiles combine, an
-estimate of model evaluations (for progress and ETA) and its settings with type, default, range and help. The
-Slicer panel builds its controls from :meth:`MethodSpec.to_dict`.
+family, what the sign of its map means (:data:`~CTXAILib.engine.signs.SIGNS`), whether it needs a layer or hookable
+Python modules, how its tiles combine, an estimate of model evaluations (for progress and ETA) and its settings with
+type, default, range and help. The Slicer panel builds its controls from :meth:`MethodSpec.to_dict`.
 
 Kernels come in two kinds:
 
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ...errors import MethodError, SettingError
+from ..signs import SIGNS
 
 __all__ = ["Setting", "MethodSpec", "TileContext", "VolumeContext", "register", "get_method", "list_methods",
            "FAMILIES", "AGGREGATIONS"]
@@ -107,7 +108,7 @@ class MethodSpec:
     label: str
     family: str
     summary: str
-    signed: bool
+    sign: str  # a key of SIGNS: "attribution", "sensitivity" or "magnitude"
     aggregation: str
     kernel: Callable[..., torch.Tensor]
     samples: Callable[[dict, tuple[int, int, int]], float]
@@ -120,8 +121,13 @@ class MethodSpec:
     absolute: bool = False
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES or self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"bad family/aggregation for {self.name}")
+        if self.family not in FAMILIES or self.aggregation not in AGGREGATIONS or self.sign not in SIGNS:
+            raise ValueError(f"bad family/aggregation/sign for {self.name}")
+
+    @property
+    def signed(self) -> bool:
+        """Whether the map has two signs worth showing (attribution or sensitivity)."""
+        return SIGNS[self.sign].signed
 
     def validate(self, settings: dict[str, Any] | None) -> dict[str, Any]:
         """Settings with defaults filled in, each parsed and range-checked."""
@@ -137,7 +143,7 @@ class MethodSpec:
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "label": self.label, "family": self.family, "summary": self.summary,
-            "signed": self.signed, "needs_layer": self.needs_layer, "needs_hooks": self.needs_hooks,
+            "sign": self.sign, "signed": self.signed, "needs_layer": self.needs_layer, "needs_hooks": self.needs_hooks,
             "needs_gradient": self.needs_gradient, "segmentation_only": self.segmentation_only,
             "aggregation": self.aggregation, "settings": [s.to_dict() for s in self.settings],
         }
