@@ -94,5 +94,11 @@ def modelCardHtml(description) -> str:
                  patch=size(card.get("patch_size"), _(" voxels")), spacing=size(card.get("spacing_mm"), " mm"))]
     if card.get("description"):
         lines.append(html.escape(card["description"]))
+    runtime = description.get("runtime")
+    if runtime:
+        where = runtime.get("device_name") or runtime["device"].upper()
+        lines.append(_("Worker: torch {torch} ({build}) on {where}").format(
+            torch=html.escape(runtime["torch"]), where=html.escape(where),
+            build=_("CUDA {cuda}").format(cuda=runtime["cuda"]) if runtime.get("cuda") else _("CPU build")))
     lines += [f"<span style='color:#b9770e'>{html.escape(w)}</span>" for w in description.get("warnings", [])]
     return "<br>".join(lines)

@@ -61,7 +61,7 @@ def centre_control():
         return torch.exp(-sum(g ** 2 for g in grids) / 50.0)[None]
 
     spec = register(MethodSpec("test_centre_control", "Centre control", "gradient", "a model-independent map",
-                               signed=False, aggregation="sum", kernel=kernel, samples=lambda s, shape: 1.0))
+                               sign="magnitude", aggregation="sum", kernel=kernel, samples=lambda s, shape: 1.0))
     yield spec.name
     _REGISTRY.pop(spec.name)
 

@@ -13,6 +13,7 @@ shipped file and nothing else; requirements.txt covers the engine's imports and 
 from __future__ import annotations
 
 import ast
+import json
 import re
 import sys
 import xml.etree.ElementTree as ET
@@ -633,3 +634,21 @@ def test_model_paths_are_kept_in_the_history_and_questions_get_no_wait_cursor():
     call = next(n for n in ast.walk(on_explain) if isinstance(n, ast.Call)
                 and ast.unparse(n.func) == "self._runWithErrorDisplay")
     assert any(k.arg == "waitCursor" and ast.unparse(k.value) == "False" for k in call.keywords)
+
+
+def test_extension_metadata_points_at_files_that_exist_and_an_index_entry_agrees():
+    """The Extensions Manager shows the icon and the screenshot from their raw URLs in this repository; the
+    ExtensionsIndex entry (Utilities/ExtensionsIndex/CTXAI.json) must agree with the CMake metadata."""
+    text = (REPO / "CMakeLists.txt").read_text()
+    meta = dict(re.findall(r'set\((EXTENSION_\w+) "([^"]*)"', text))
+    homepage = meta["EXTENSION_HOMEPAGE"]
+    raw = homepage.replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/"
+    for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        for url in meta[key].split():
+            assert url.startswith(raw), f"{key} {url} is not a raw URL of {homepage}"
+            path = REPO / url[len(raw):]
+            assert path.is_file() and path.stat().st_size > 10_000, f"{key}: {path} is missing or empty"
+    entry = json.loads((REPO / "Utilities" / "ExtensionsIndex" / "CTXAI.json").read_text())
+    assert entry["category"] == meta["EXTENSION_CATEGORY"]
+    assert entry["scm_url"].removesuffix(".git") == homepage
+    assert entry["build_dependencies"] == meta["EXTENSION_DEPENDS"].split()

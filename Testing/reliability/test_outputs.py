@@ -55,8 +55,9 @@ def test_fail4_a_run_owns_its_out_folder(tmp_path, volume_file, classifier_card,
 def test_fail5_sigterm_is_handled_like_sigint(tmp_path, volume_file, classifier_card):
     out = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "-m", "CTXAILib.cli", "explain", "--volume", str(volume_file),
-                                "--model", str(classifier_card), "--method", "integrated_gradients", "--set",
-                                "steps=100000", "--memory-mb", "32", "--device", "cpu", "--out", str(out)],
+                                "--model", str(classifier_card), "--method", "occlusion", "--set", "window=1", "--set",
+                                "stride=1", "--set", "engine=exhaustive", "--memory-mb", "32", "--device", "cpu",
+                                "--out", str(out)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(4.0)
     assert process.poll() is None, process.communicate()

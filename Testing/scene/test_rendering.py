@@ -4,6 +4,8 @@ far away from it."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -91,6 +93,11 @@ def test_overlay_at_the_defect_in_all_four_views(slicer_app, phantom, tmp_path):
         composite.SetForegroundOpacity(0.8)
     rendering.SetVisibility(True)
     after = {name: grab(view) for name, view in slicer_app.views.items()}
+    # The extension's screenshot (EXTENSION_SCREENSHOTURLS) is this picture: `CTXAI_SCREENSHOT=path pytest ...`.
+    mosaic = np.vstack([np.hstack([after["Red"], after["ThreeD"]]), np.hstack([after["Green"], after["Yellow"]])])
+    from PIL import Image
+
+    Image.fromarray(mosaic).save(os.environ.get("CTXAI_SCREENSHOT") or tmp_path / "views.png")
 
     for name, view in slicer_app.views.items():
         height, width, _ = after[name].shape

@@ -136,6 +136,10 @@ def test_describe_model_and_methods(client, unet_card):
     description = client.call("describe_model", model=str(unet_card), device="cpu")
     assert description["card"]["task"] == "segmentation" and description["default_layer"] == "decoders.1.conv2"
     assert any(layer["name"] == "head" and layer["cam_usable"] for layer in description["layers"])
+    import torch
+
+    # The panel says which torch the worker uses: Slicer's own process never imports it.
+    assert description["runtime"] == {"torch": torch.__version__, "cuda": torch.version.cuda, "device": "cpu"}
     methods = {m["name"] for m in client.call("methods")}
     assert {"gradcam", "lrp", "occlusion", "confidence"} <= methods
 

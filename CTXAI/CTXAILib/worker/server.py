@@ -205,6 +205,7 @@ class Worker:
                 "default_layer": model.default_layer(), "warnings": model.warnings, "device": str(explainer.device),
                 "layers": [{"name": i.name, "type": i.type, "output_shape": i.output_shape,
                             "cam_usable": i.spatial} for i in model.layers()],
+                "runtime": _runtime(explainer.device),
                 "advice": {name: {"recommendation": entry["recommendation"], "why": entry["why"]}
                            for name, entry in (profile or {}).get("methods", {}).items()},
                 "model_reused": reused}
@@ -272,6 +273,17 @@ class Worker:
     def _volume_file(volume, path: Path) -> dict:
         return {"path": save_array(volume.array, path), "spacing": list(volume.spacing),
                 "origin": list(volume.origin), "directions": volume.directions.tolist()}
+
+
+def _runtime(device) -> dict[str, Any]:
+    """Which torch and accelerator the worker runs on: the panel says it, since Slicer's process never imports
+    torch and cannot tell."""
+    import torch
+
+    runtime = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": str(device)}
+    if device.type == "cuda":
+        runtime["device_name"] = torch.cuda.get_device_name(device)
+    return runtime
 
 
 def main() -> int:
