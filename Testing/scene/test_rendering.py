@@ -97,7 +97,7 @@ def test_overlay_at_the_defect_in_all_four_views(slicer_app, phantom, tmp_path):
     mosaic = np.vstack([np.hstack([after["Red"], after["ThreeD"]]), np.hstack([after["Green"], after["Yellow"]])])
     from PIL import Image
 
-    Image.fromarray(mosaic).save(os.environ.get("CTXAI_SCREENSHOT") or tmp_path / "views.png")
+    Image.fromarray(mosaic.astype(np.uint8)).save(os.environ.get("CTXAI_SCREENSHOT") or tmp_path / "views.png")
 
     for name, view in slicer_app.views.items():
         height, width, _ = after[name].shape
