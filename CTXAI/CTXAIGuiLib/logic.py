@@ -145,7 +145,7 @@ class CTXAILogic(ScriptedLoadableModuleLogic):
 
     def explain(self, inputVolume, modelPath=None, method="gradcam", targetClass=None, roi=None, point=None,
                 layer=None, settings=None, device="auto", blocking=True, progressCallback=None, *,
-                contrastClass=None, score="logit", component=True, precision="fp32", seed=0, **display):
+                contrastClass=None, score="logit", component=True, precision="fp32", seed=0, checks=None, **display):
         """Explain ``targetClass`` of a model on a volume node.
 
         :param inputVolume: the CT volume node; results get exactly its geometry.
@@ -163,6 +163,8 @@ class CTXAILogic(ScriptedLoadableModuleLogic):
         :param progressCallback: called while blocking with each progress event
             (:class:`CTXAILib.scene.session.SessionEvent`: ``fraction`` 0-1, ``message``, ``eta_s`` or None),
             e.g. ``progressCallback=lambda e: print(f"{e.fraction:.0%}")``.
+        :param checks: the checks of the map (names of ``ctxai checks``, or ``["all"]``); None: the cheap default
+            (spill, target sensitivity). The run's ``explanation["checks"]`` and ``["verdict"]`` hold the results.
         :param display: output options ``opacity`` (0-1), ``topPercent`` (label map, 0.1-100), ``colormap``
             (auto, heat, diverging), ``render3d`` (bool).
         :raises CTXAILib.errors.CTXAIError: what went wrong and how to fix it; a failed run adds no node.
@@ -187,7 +189,8 @@ class CTXAILogic(ScriptedLoadableModuleLogic):
             where="roi" if roi is not None else "point" if point is not None else "whole",
             roi=roi.GetID() if roi is not None else None, point=point.GetID() if point is not None else None,
             component=component, layer=layer or None, settings=dict(settings or {}), device=device,
-            precision=precision, seed=seed, **{DISPLAY_OPTIONS[name]: value for name, value in display.items()})
+            precision=precision, seed=seed, **({} if checks is None else {"checks": tuple(checks)}),
+            **{DISPLAY_OPTIONS[name]: value for name, value in display.items()})
         if not blocking:
             return self.session.start(request)
         return self.session.explain(request, progress=progressCallback, idle=slicer.app.processEvents)

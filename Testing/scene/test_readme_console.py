@@ -76,8 +76,10 @@ def test_readme_console_example_runs_as_written(slicer_console, slicer_app, tmp_
     namespace = {"slicer": slicer}
     exec(compile(console_example(), str(README), "exec"), namespace)
     run = namespace["run"]
-    printed = capsys.readouterr().out.split()
-    assert printed and printed[-1] == "100%"
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) > 2 and printed[-2] == "100%"
+    assert printed[-1] == str(run.explanation["verdict"])  # the default checks ran and their verdict was printed
+    assert set(run.explanation["checks"]) == {"spill", "target_sensitivity"}
     assert run.top_percent == 2.0 and slicer_console.runs()[-1].attribution == run.attribution
     labels = slicer.util.arrayFromVolume(slicer_app.scene.GetNodeByID(run.labels))
     attribution = slicer.util.arrayFromVolume(slicer_app.scene.GetNodeByID(run.attribution))
