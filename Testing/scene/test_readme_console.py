@@ -15,11 +15,19 @@ import pytest
 from mrml_helpers import add_volume_node
 
 README = Path(__file__).resolve().parents[2] / "README.md"
+GUIDE = README.parent / "Docs" / "SlicerUsers.md"
 
 
-def console_example() -> str:
-    section = README.read_text(encoding="utf-8").split("## In 3D Slicer", 1)[1].split("\n## ", 1)[0]
+def console_example(path: Path = README, heading: str = "## In 3D Slicer") -> str:
+    section = path.read_text(encoding="utf-8").split(heading, 1)[1].split("\n## ", 1)[0]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_slicer_guide_shows_the_example_that_runs():
+    """Docs/SlicerUsers.md repeats the README's console example: the one below runs it, so both must agree."""
+    assert console_example(GUIDE, "## From the Python console") == console_example()
+    image = re.search(r"!\[[^]]*\]\(([^)]+)\)", GUIDE.read_text(encoding="utf-8")).group(1)
+    assert (GUIDE.parent / image).resolve().is_file()
 
 
 @pytest.fixture
