@@ -63,7 +63,7 @@ def _user_cases(volumes: list[str], masks: list[str], task: str, count: int, tar
 
 
 def _cmd_profile(args) -> int:
-    from ..checks.profile import build_profile, format_profile, profile_path
+    from ..checks.profile import PROFILE_CHECKS, build_profile, format_profile, profile_path
     from ..engine.explain import Explainer
     from ..engine.methods import list_methods
     from ..records.record import write_json
@@ -74,7 +74,8 @@ def _cmd_profile(args) -> int:
                                 if s.family != "prediction" and not (s.needs_hooks and explainer.model.is_torchscript)]
     cases = (_user_cases(args.volume, args.mask or [], task, args.cases, args.target) if args.volume else
              _phantom_cases(task, args.cases, args.shape))
-    profile = build_profile(explainer, cases, methods, log=lambda m: print(m, flush=True))
+    profile = build_profile(explainer, cases, methods, checks=args.checks or PROFILE_CHECKS,
+                            log=lambda m: print(m, flush=True))
     table = format_profile(profile)
     out = Path(args.out) if args.out else profile_path(args.model)
     write_json(profile | {"table": table}, out)
@@ -90,6 +91,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", help="class to explain on your volumes (default: predicted / first foreground)")
     p.add_argument("--methods", type=lambda t: [m.strip() for m in t.split(",") if m.strip()],
                    help="comma-separated methods (default: all that apply)")
+    p.add_argument("--checks", type=lambda t: [c.strip() for c in t.split(",") if c.strip()],
+                   help="comma-separated checks (default: all; faithfulness costs ~130 passes over each extent)")
     p.add_argument("--cases", type=int, default=3, help="defects per volume (default 3)")
     p.add_argument("--shape", type=int, default=96, help="edge of the phantom in voxels (default 96)")
     p.add_argument("--device", default="auto")
