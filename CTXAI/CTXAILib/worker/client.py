@@ -81,6 +81,7 @@ class WorkerClient:
         self._cancel_deadline: dict[str, float] = {}
         self._stderr: deque[str] = deque(maxlen=40)
         self._reader_done = threading.Event()
+        self._stderr_done = threading.Event()
         self.starts = 0
 
     # --------------------------------------------------------------------------------------- exchange
@@ -142,6 +143,7 @@ class WorkerClient:
         self.starts += 1
         self._replies = queue.Queue()
         self._reader_done = threading.Event()
+        self._stderr_done = threading.Event()
         threading.Thread(target=self._read_stdout, args=(self.process,), daemon=True).start()
         threading.Thread(target=self._read_stderr, args=(self.process,), daemon=True).start()
 
@@ -156,6 +158,7 @@ class WorkerClient:
     def _read_stderr(self, process: subprocess.Popen) -> None:
         for line in process.stderr:
             self._stderr.append(line.rstrip())
+        self._stderr_done.set()
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Ask the worker to exit, kill it if it does not, and remove the exchange folder. Requests still
@@ -241,6 +244,9 @@ class WorkerClient:
             self._cancel_deadline.clear()
         elif self._pending and not self.alive and self._reader_done.is_set() and self._replies.empty():
             code = self.process.returncode
+            # The crash's reason is the worker's last stderr line: its reader may still be draining the pipe. A
+            # pipe held open by a grandchild must not hang the GUI's poll, hence the bound.
+            self._stderr_done.wait(1.0)
             detail = next((line for line in reversed(self._stderr) if line.strip()), "")
             for job in list(self._pending):
                 messages.append({"id": job, "type": "error", "error": "WorkerCrashed",
