@@ -365,7 +365,7 @@ def write_volume(volume: Volume, path: str | os.PathLike, format: str | None = N
         raise OutputError(f"Unknown volume format {format!r}; use one of {', '.join(FOLDER_FORMATS)}, or None for a "
                           "file whose suffix gives its format.")
     if path.exists() and not (path.is_dir() and not any(path.iterdir())):
-        raise OutputError(f"Cannot write a {format} series into {path}: it exists and is not an empty folder. "
+        raise OutputError(f"Cannot write {format} slices into {path}: it exists and is not an empty folder. "
                           "Choose a new folder, or remove that one first.")
     with atomic_output(path, folder=True) as tmp:
         writer(_to_slices(volume), tmp)

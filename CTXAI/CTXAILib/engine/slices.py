@@ -16,8 +16,10 @@ tags with their unit, or ImageJ's ``spacing`` and ``unit``); it is read as Slice
 
 from __future__ import annotations
 
+import io
 import re
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -97,6 +99,11 @@ def read_slice_folder(folder: Path, series: str | None = None, spacing: Sequence
     files = sorted((p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file()),
                    key=lambda p: natural_key(p.name))
     if not files:
+        inner = sorted((p.name for p in folder.iterdir() if not p.name.startswith(".") and p.is_dir()),
+                       key=natural_key)
+        if inner:
+            raise InputError(f"Volume folder {folder} holds only folders ({_listing(inner)}), no slices. Give the "
+                             "folder that holds the DICOM or TIFF slice files themselves.")
         raise InputError(f"Volume folder {folder} is empty. Give a folder holding one DICOM series or a stack of "
                          "TIFF slices, or an image file.")
     tiffs = [p for p in files if p.suffix.lower() in TIFF_SUFFIXES]
@@ -155,6 +162,19 @@ def _header(path: Path):
     return reader
 
 
+@contextmanager
+def _quiet_itk():
+    """ITK's warnings on stderr ("No Series were found", "Non uniform sampling"), off: the checks here say it."""
+    import SimpleITK as sitk
+
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
 def _itk_reason(exc: RuntimeError) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
     return next((line.split("): ", 1)[-1] for line in lines if "ITK ERROR" in line), lines[-1]).rstrip(".")
@@ -164,9 +184,10 @@ def _read_dicom_folder(folder: Path, files: list[Path], series: str | None) -> S
     """The chosen series of ``folder``, or None when it holds no DICOM image at all."""
     import SimpleITK as sitk
 
-    uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    members = {uid: [Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)]
-               for uid in uids}
+    with _quiet_itk():
+        uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        members = {uid: [Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)]
+                   for uid in uids}
     taken = {p.name for paths in members.values() for p in paths}
     # GDCM leaves out, without a word, a slice it cannot parse: a damaged slice would become a hole in the volume.
     damaged = [p.name for p in files if p.name not in taken and looks_like_dicom(p)]
@@ -214,7 +235,8 @@ def _read_series(folder: Path, uid: str, paths: list[Path]) -> Slices:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(p) for p in paths])
     try:
-        image = reader.Execute()
+        with _quiet_itk():
+            image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"DICOM series {uid} in {folder} cannot be read: {_itk_reason(exc)}"
                          f"{_damaged_slice(paths)}. Replace the damaged slice with an intact copy.") from None
@@ -252,7 +274,7 @@ def _check_slice_positions(folder: Path, uid: str, paths: list[Path], headers: l
     positions = np.array([h.GetOrigin() for h in headers], dtype=np.float64)
     along = (positions - positions[0]) @ normal
     steps = np.diff(along)
-    step = float(np.median(steps))
+    step = float(steps.min())  # a lost slice makes one step twice as long; the shortest one is the grid's
     if step <= 0:
         raise InputError(f"Slices of DICOM series {uid} in {folder} share one position ({paths[0].name} and "
                          f"{paths[1].name}): the series mixes two acquisitions. Export each one on its own.")
@@ -260,7 +282,7 @@ def _check_slice_positions(folder: Path, uid: str, paths: list[Path], headers: l
     if odd.size:
         n = int(odd[0])
         raise InputError(f"Slices of DICOM series {uid} in {folder} are not evenly spaced: {paths[n].name} to "
-                         f"{paths[n + 1].name} is {steps[n]:.4g} mm, the other steps {step:.4g} mm. A slice is "
+                         f"{paths[n + 1].name} is {steps[n]:.4g} mm, the shortest step {step:.4g} mm. A slice is "
                          "missing or foreign: export the series again, complete.")
     drift = positions - positions[0] - np.outer(along, normal)
     if np.abs(drift).max() > _STEP_TOLERANCE * step:
@@ -375,7 +397,7 @@ def _resolve_spacing(found: list[float | None], origin: str, given: Sequence[flo
     return tuple(found), origin
 
 
-def _open_tiff(path: Path, what: str):
+def _open_tiff(path: Path, slice_of: Path | None = None):
     import tifffile
 
     try:
@@ -384,15 +406,16 @@ def _open_tiff(path: Path, what: str):
             raise ValueError("it holds no image")
         return tif
     except Exception as exc:  # tifffile and its codecs raise many kinds on a damaged file; all mean the same here
-        raise InputError(f"{what} {path} is not a readable TIFF file ({exc}). Replace it with an intact copy"
-                         + (", or remove it." if what == "Slice" else ".")) from None
+        what = f"Slice {path.name} in {slice_of}" if slice_of else f"Volume file {path}"
+        raise InputError(f"{what} is not a readable TIFF file ({exc}). Replace it with an intact copy"
+                         + (", or remove it." if slice_of else ".")) from None
 
 
 def _read_tiff_slices(folder: Path, paths: list[Path], spacing: Sequence[float] | None) -> Slices:
     first = None
     array = None
     for index, path in enumerate(paths):
-        with _open_tiff(path, "Slice") as tif:
+        with _open_tiff(path, folder) as tif:
             page = tif.pages[0]
             if len(tif.pages) > 1:
                 raise InputError(f"TIFF slice {path.name} in {folder} holds {len(tif.pages)} images; a folder of "
@@ -412,8 +435,8 @@ def _read_tiff_slices(folder: Path, paths: list[Path], spacing: Sequence[float] 
             try:
                 array[index] = page.asarray()
             except Exception as exc:  # as in _open_tiff: a damaged strip fails with the codec's own error
-                raise InputError(f"Slice {path} is not a readable TIFF file ({exc}). Replace it with an intact "
-                                 "copy, or remove it.") from None
+                raise InputError(f"Slice {path.name} in {folder} is not a readable TIFF file ({exc}). Replace it "
+                                 "with an intact copy, or remove it.") from None
     resolved, origin = _resolve_spacing(found, origin, spacing, f"the TIFF slices in {folder}")
     source = {"reader": "tiff", "path": str(folder), "files": len(paths), "first": paths[0].name,
               "last": paths[-1].name, "spacing_from": origin}
@@ -427,7 +450,7 @@ def read_tiff_file(path: Path, spacing: Sequence[float] | None = None) -> Slices
         InputError: The file is damaged, holds one 2-D image, colour or several channels or time points, or its
             spacing is unknown and ``spacing`` is not given.
     """
-    with _open_tiff(path, "Volume file") as tif:
+    with _open_tiff(path) as tif:
         series = tif.series[0]
         axes = series.axes
         shape = series.shape
@@ -486,6 +509,8 @@ def write_tiff_stack(slices: Slices, folder: Path) -> None:
     metadata = {"spacing": float(slices.spacing[2]), "unit": "mm", "axes": "YX"}
     width = max(4, len(str(array.shape[0])))
     for k in range(array.shape[0]):
-        tifffile.imwrite(folder / f"slice{k + 1:0{width}d}.tif", array[k], imagej=True, resolution=resolution,
-                         metadata=metadata)
+        # Through memory: tifffile does not check short writes, so a full disk would leave truncated slices.
+        buffer = io.BytesIO()
+        tifffile.imwrite(buffer, array[k], imagej=True, resolution=resolution, metadata=metadata)
+        (folder / f"slice{k + 1:0{width}d}.tif").write_bytes(buffer.getvalue())
 
