@@ -24,8 +24,8 @@ import numpy as np
 
 from ..errors import InputError, OutputError, RegionError
 from .files import regular_file
-from .slices import (TIFF_SUFFIXES, Slices, check_given_spacing, looks_like_dicom, read_slice_folder,
-                     read_tiff_file, write_dicom_series, write_tiff_stack)
+from .slices import (TIFF_SUFFIXES, Slices, check_given_spacing, is_single_dicom_slice, looks_like_dicom,
+                     read_slice_folder, read_tiff_file, write_dicom_series, write_tiff_stack)
 
 __all__ = ["Box", "Volume", "read_volume", "write_volume", "atomic_output"]
 
@@ -250,7 +250,7 @@ def read_volume(path: str | os.PathLike, series: str | None = None,
                          "folder holding the series as --volume.")
     if path.suffix.lower() in TIFF_SUFFIXES:
         return _from_slices(read_tiff_file(path, given))
-    if looks_like_dicom(path):
+    if looks_like_dicom(path) and is_single_dicom_slice(path):
         raise InputError(f"{path} is one DICOM slice. Give the folder holding its series as --volume.")
     try:
         image = sitk.ReadImage(str(path))

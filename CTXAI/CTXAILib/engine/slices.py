@@ -29,8 +29,8 @@ import numpy as np
 
 from ..errors import InputError, OutputError
 
-__all__ = ["Slices", "TIFF_SUFFIXES", "check_given_spacing", "looks_like_dicom", "natural_key", "read_slice_folder",
-           "read_tiff_file", "write_dicom_series", "write_tiff_stack"]
+__all__ = ["Slices", "TIFF_SUFFIXES", "check_given_spacing", "is_single_dicom_slice", "looks_like_dicom", "natural_key",
+           "read_slice_folder", "read_tiff_file", "write_dicom_series", "write_tiff_stack"]
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
@@ -146,6 +146,15 @@ def looks_like_dicom(path: Path) -> bool:
             return handle.read(4) == b"DICM"
     except OSError:
         return False
+
+
+def is_single_dicom_slice(path: Path) -> bool:
+    """True for a DICOM file holding one 2-D image (a multi-frame file holds a whole volume)."""
+    try:
+        size = _header(path).GetSize()
+    except RuntimeError:
+        return False  # SimpleITK's reader will say what is wrong with it
+    return len(size) < 3 or size[2] <= 1
 
 
 def _tag(reader, key: str) -> str | None:
@@ -293,6 +302,7 @@ def _check_slice_positions(folder: Path, uid: str, paths: list[Path], headers: l
 
 def _decimal_string(value: float) -> str:
     """A DICOM decimal string (at most 16 characters) as close to ``value`` as that length allows."""
+    value = float(value) + 0.0  # no "-0"
     for digits in range(17, 0, -1):
         text = f"{value:.{digits}g}".replace("e+", "e")
         text = re.sub(r"^(-?)0\.", r"\1.", text)
@@ -309,7 +319,8 @@ def _new_uid() -> str:
 def _int16_rescale(array: np.ndarray) -> tuple[float, float]:
     """Slope and intercept that map int16 stored values onto ``array``; exact for integers spanning < 65536."""
     lo, hi = float(array.min()), float(array.max())
-    if np.array_equal(array, np.round(array)) and hi - lo <= 65535:
+    integral = np.issubdtype(array.dtype, np.integer) or np.array_equal(array, np.round(array))
+    if integral and hi - lo <= 65535:
         intercept = 0.0 if lo >= -32768 and hi <= 32767 else lo + 32768
         return 1.0, intercept
     slope = float(_decimal_string((hi - lo) / 65535 if hi > lo else 1.0))
@@ -333,8 +344,7 @@ def write_dicom_series(slices: Slices, folder: Path, description: str = "CTXAI v
     if not np.isfinite(array).all():
         raise OutputError("The volume holds NaN or infinite values, which DICOM's int16 cannot store. Write it as "
                           "NRRD.")
-    values = array.astype(np.float64)
-    slope, intercept = _int16_rescale(values)
+    slope, intercept = _int16_rescale(array)
     spacing = np.asarray(slices.spacing, dtype=np.float64)
     directions = np.asarray(slices.directions_lps, dtype=np.float64)
     origin = np.asarray(slices.origin_lps, dtype=np.float64)
@@ -350,7 +360,7 @@ def write_dicom_series(slices: Slices, folder: Path, description: str = "CTXAI v
     writer.KeepOriginalImageUIDOn()
     width = max(4, len(str(array.shape[0])))
     for k in range(array.shape[0]):
-        image = sitk.GetImageFromArray(values[k])
+        image = sitk.GetImageFromArray(array[k].astype(np.float64))
         image.SetSpacing(tuple(spacing[:2]))
         position = origin + k * spacing[2] * directions[:, 2]
         tags = dict(common)
@@ -457,15 +467,18 @@ def read_tiff_file(path: Path, spacing: Sequence[float] | None = None) -> Slices
         if "S" in axes and shape[axes.index("S")] > 1 or "C" in axes and shape[axes.index("C")] > 1:
             raise InputError(f"TIFF {path} holds a colour or multi-channel image (axes {axes}, shape {shape}); CT "
                              "slices hold one grey value per pixel. Export grey slices.")
+        spatial = [n for n, axis in zip(shape, axes) if n > 1 or axis in "YX"]
+        if len(spatial) < 3:
+            raise InputError(f"TIFF {path} holds a single 2-D image (shape {tuple(shape)}); CTXAI explains 3-D "
+                             "volumes. Give the folder of slices, or a multi-page TIFF.")
+        if len(spatial) > 3:
+            raise InputError(f"TIFF {path} holds several stacks (axes {axes}, shape {tuple(shape)}: channels or "
+                             "time points); CTXAI explains one 3-D volume. Export one stack of grey slices.")
         try:
-            array = series.asarray()
+            array = series.asarray().reshape(spatial)
         except Exception as exc:  # as in _open_tiff
             raise InputError(f"Volume file {path} is not a readable TIFF file ({exc}). Replace it with an intact "
                              "copy.") from None
-        array = array.reshape([n for n in shape if n > 1][-3:] if array.ndim > 3 else array.shape)
-        if array.ndim != 3:
-            raise InputError(f"TIFF {path} holds a single 2-D image (shape {array.shape}); CTXAI explains 3-D "
-                             "volumes. Give the folder of slices, or a multi-page TIFF.")
         found, origin = _tiff_spacing(tif, tif.pages[0])
     resolved, origin = _resolve_spacing(found, origin, spacing, f"TIFF {path}")
     source = {"reader": "tiff", "path": str(path), "files": 1, "pages": int(array.shape[0]), "spacing_from": origin}
