@@ -4,6 +4,7 @@ from NRRD through `ctxai explain`, and one clear line for each way a folder of s
 from __future__ import annotations
 
 import json
+import locale
 import os
 import shutil
 import subprocess
@@ -89,6 +90,20 @@ def test_dicom_and_tiff_give_the_nrrd_attribution_through_the_cli(tmp_path, phan
     assert not np.array_equal(flipped.array, maps["nrrd"].array)
 
 
+def test_writing_dicom_keeps_the_process_locale(tmp_path):
+    before = locale.setlocale(locale.LC_ALL)
+    write_volume(small(), tmp_path / "series", format="dicom")
+    assert locale.setlocale(locale.LC_ALL) == before and locale.getpreferredencoding(False) == "UTF-8"
+    # Control: GDCM's own writer, given a position, leaves the process in the C locale (ASCII text by default).
+    image = sitk.GetImageFromArray(np.zeros((4, 5), np.int16))
+    image.SetMetaData("0020|0032", "1\\2\\3")
+    try:
+        sitk.WriteImage(image, str(tmp_path / "raw.dcm"))
+        assert locale.setlocale(locale.LC_ALL) != before
+    finally:
+        locale.setlocale(locale.LC_ALL, before)
+
+
 def test_dicom_geometry_and_rescale_round_trip(tmp_path):
     directions = Rotation.from_euler("xyz", [10, -25, 40], degrees=True).as_matrix()
     shape = (5, 6, 7)
@@ -126,9 +141,11 @@ def test_tiff_spacing_from_tags_natural_order_and_multipage(tmp_path):
                          resolutionunit="CENTIMETER")
     with pytest.raises(InputError, match=r"tags give only i 0\.3 mm, j 0\.45 mm\). Pass it in mm as --spacing"):
         read_volume(loose)
+    (loose / "scan.log").write_text("Pixel Size (um)=300")  # what scanners leave beside the slices
     read = read_volume(loose, spacing=(0.3, 0.45, 2.0))
     np.testing.assert_array_equal(read.array, volume.array)
     assert read.source["files"] == 12 and read.source["last"] == "slice12.tif"
+    assert read.source["other_files_ignored"] == ["scan.log"]
     # One multi-page ImageJ file, in micrometres.
     tifffile.imwrite(tmp_path / "stack.tif", volume.array, imagej=True, resolution=(1 / 300, 1 / 450),
                      metadata={"spacing": 2000.0, "unit": "micron", "axes": "ZYX"})
@@ -203,7 +220,11 @@ def test_a_missing_dicom_slice_and_mixed_sizes(tmp_path):
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     writer.SetFileName(str(mixed / "slice0002.dcm"))
-    writer.Execute(wider)
+    before = locale.setlocale(locale.LC_ALL)
+    try:
+        writer.Execute(wider)
+    finally:
+        locale.setlocale(locale.LC_ALL, before)  # GDCM's writer leaves the C locale (see the locale test)
     with pytest.raises(InputError, match=r"differ in size: slice0001.dcm is 6x5 pixels, slice0002.dcm is 9x5"):
         read_volume(mixed)
 

@@ -17,6 +17,7 @@ tags with their unit, or ImageJ's ``spacing`` and ``unit``); it is read as Slice
 from __future__ import annotations
 
 import io
+import locale
 import re
 import uuid
 from contextlib import contextmanager
@@ -35,7 +36,7 @@ __all__ = ["Slices", "TIFF_SUFFIXES", "check_given_spacing", "is_single_dicom_sl
 TIFF_SUFFIXES = (".tif", ".tiff")
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
 _DICOM_MAGIC_OFFSET = 128
-# Slices of one series lie on a regular grid; a step this far from the median one means a lost or foreign slice.
+# Slices of one series lie on a regular grid; a step this far from the shortest means a lost or foreign slice.
 _STEP_TOLERANCE = 0.1
 _ORIENTATION_TOLERANCE = 1e-4
 # ImageJ's spelling of its calibration units, and the TIFF ResolutionUnit codes (tifffile.RESUNIT), in mm.
@@ -88,7 +89,8 @@ def read_slice_folder(folder: Path, series: str | None = None, spacing: Sequence
     """Read a folder holding one DICOM series, or TIFF slices (one per file, in natural name order).
 
     Args:
-        folder: The folder; hidden files are ignored.
+        folder: The folder; hidden files are ignored, and so are files other than TIFF slices beside them (listed
+            in ``source``).
         series: SeriesInstanceUID to read when the folder holds several DICOM series.
         spacing: Voxel size (i, j, k) in mm for TIFF slices; it overrides their tags.
 
@@ -107,20 +109,18 @@ def read_slice_folder(folder: Path, series: str | None = None, spacing: Sequence
         raise InputError(f"Volume folder {folder} is empty. Give a folder holding one DICOM series or a stack of "
                          "TIFF slices, or an image file.")
     tiffs = [p for p in files if p.suffix.lower() in TIFF_SUFFIXES]
-    if len(tiffs) == len(files):
+    if len(tiffs) < len(files):
+        slices = _read_dicom_folder(folder, files, series)
+        if slices is not None:
+            if spacing is not None:
+                check_given_spacing(spacing, slices.spacing, f"DICOM series in {folder}")
+            return slices
+    if tiffs:
         if series is not None:
             raise InputError(f"--series {series} was given, but {folder} holds TIFF slices, not DICOM. Leave "
                              "--series out.")
-        return _read_tiff_slices(folder, tiffs, spacing)
-    slices = _read_dicom_folder(folder, files, series)
-    if slices is not None:
-        if spacing is not None:
-            check_given_spacing(spacing, slices.spacing, f"DICOM series in {folder}")
-        return slices
-    if tiffs:
-        others = [p.name for p in files if p not in tiffs]
-        raise InputError(f"Volume folder {folder} holds TIFF slices and other files ({_listing(others)}). Move the "
-                         "other files out, so that the folder holds the slices only.")
+        # Scanners leave logs and previews beside the slices; the record lists what was left out.
+        return _read_tiff_slices(folder, tiffs, spacing, [p.name for p in files if p not in tiffs])
     raise InputError(f"Volume folder {folder} holds neither a DICOM series nor TIFF slices (found "
                      f"{_listing([p.name for p in files])}). Give a folder of DICOM slices or of .tif/.tiff slices, "
                      "or an image file (NRRD, NIfTI, MHA, multi-page TIFF).")
@@ -182,6 +182,17 @@ def _quiet_itk():
         yield
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+@contextmanager
+def _kept_locale():
+    """GDCM's writer switches the whole process to the C locale and leaves it so; then Python's default text
+    encoding becomes ASCII for every later open() in the process (in Slicer too). Put the caller's locale back."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 def _itk_reason(exc: RuntimeError) -> str:
@@ -283,21 +294,24 @@ def _check_slice_positions(folder: Path, uid: str, paths: list[Path], headers: l
     positions = np.array([h.GetOrigin() for h in headers], dtype=np.float64)
     along = (positions - positions[0]) @ normal
     steps = np.diff(along)
-    step = float(steps.min())  # a lost slice makes one step twice as long; the shortest one is the grid's
+    shortest = int(np.argmin(steps))
+    step = float(steps[shortest])  # a lost slice makes one step twice as long; the shortest one is the grid's
     if step <= 0:
-        raise InputError(f"Slices of DICOM series {uid} in {folder} share one position ({paths[0].name} and "
-                         f"{paths[1].name}): the series mixes two acquisitions. Export each one on its own.")
+        raise InputError(f"Slices of DICOM series {uid} in {folder} share one position ({paths[shortest].name} and "
+                         f"{paths[shortest + 1].name}): the series mixes two acquisitions. Export each one on its "
+                         "own.")
     odd = np.flatnonzero(np.abs(steps - step) > _STEP_TOLERANCE * step)
     if odd.size:
         n = int(odd[0])
         raise InputError(f"Slices of DICOM series {uid} in {folder} are not evenly spaced: {paths[n].name} to "
                          f"{paths[n + 1].name} is {steps[n]:.4g} mm, the shortest step {step:.4g} mm. A slice is "
                          "missing or foreign: export the series again, complete.")
-    drift = positions - positions[0] - np.outer(along, normal)
-    if np.abs(drift).max() > _STEP_TOLERANCE * step:
+    drift = float(np.linalg.norm(positions - positions[0] - np.outer(along, normal), axis=1).max())
+    if drift > _STEP_TOLERANCE * step:
         raise InputError(f"Slices of DICOM series {uid} in {folder} are stacked obliquely to their planes (gantry "
-                         "tilt or shear); CTXAI explains volumes on a rectilinear grid. Resample the series onto "
-                         "one (for example in Slicer) and save it as NRRD.")
+                         f"tilt or shear: {drift:.3g} mm off the slice normal); CTXAI explains volumes on a "
+                         "rectilinear grid. Resample the series onto one (for example in Slicer) and save it as "
+                         "NRRD.")
 
 
 def _decimal_string(value: float) -> str:
@@ -359,18 +373,27 @@ def write_dicom_series(slices: Slices, folder: Path, description: str = "CTXAI v
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     width = max(4, len(str(array.shape[0])))
-    for k in range(array.shape[0]):
-        image = sitk.GetImageFromArray(array[k].astype(np.float64))
-        image.SetSpacing(tuple(spacing[:2]))
-        position = origin + k * spacing[2] * directions[:, 2]
-        tags = dict(common)
-        tags.update({"0020|0013": str(k + 1), "0008|0018": _new_uid(),
-                     "0020|0032": "\\".join(_decimal_string(v) for v in position),
-                     "0020|1041": _decimal_string(float(position @ np.cross(directions[:, 0], directions[:, 1])))})
-        for key, value in tags.items():
-            image.SetMetaData(key, value)
-        writer.SetFileName(str(folder / f"slice{k + 1:0{width}d}.dcm"))
-        writer.Execute(image)
+    with _kept_locale():
+        for k in range(array.shape[0]):
+            _write_dicom_slice(writer, array[k], k, spacing, origin, directions, common,
+                               folder / f"slice{k + 1:0{width}d}.dcm")
+
+
+def _write_dicom_slice(writer, plane: np.ndarray, k: int, spacing: np.ndarray, origin: np.ndarray,
+                       directions: np.ndarray, common: dict[str, str], path: Path) -> None:
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(plane.astype(np.float64))
+    image.SetSpacing(tuple(spacing[:2]))
+    position = origin + k * spacing[2] * directions[:, 2]
+    tags = dict(common)
+    tags.update({"0020|0013": str(k + 1), "0008|0018": _new_uid(),
+                 "0020|0032": "\\".join(_decimal_string(v) for v in position),
+                 "0020|1041": _decimal_string(float(position @ np.cross(directions[:, 0], directions[:, 1])))})
+    for key, value in tags.items():
+        image.SetMetaData(key, value)
+    writer.SetFileName(str(path))
+    writer.Execute(image)
 
 
 # --- TIFF --------------------------------------------------------------------------------------------------------
@@ -391,11 +414,14 @@ def _tiff_spacing(tif, page) -> tuple[list[float | None], str]:
         if numerator > 0 and denominator > 0:
             spacing[axis] = float(Fraction(denominator, numerator) * in_plane_unit)
     if unit is not None and "spacing" in imagej:
-        spacing[2] = float(Fraction(str(imagej["spacing"])) * unit)
+        try:
+            spacing[2] = float(Fraction(str(imagej["spacing"])) * unit)
+        except (ValueError, ZeroDivisionError):
+            pass  # not a number: the spacing stays unknown and the caller asks for --spacing
     return spacing, ("ImageJ tags" if imagej else "TIFF resolution tags")
 
 
-def _resolve_spacing(found: list[float | None], origin: str, given: Sequence[float] | None,
+def _resolve_spacing(found: list[float | None], found_in: str, given: Sequence[float] | None,
                      what: str) -> tuple[tuple[float, float, float], str]:
     if given is not None:
         return tuple(float(v) for v in given), "given (--spacing)"
@@ -404,7 +430,7 @@ def _resolve_spacing(found: list[float | None], origin: str, given: Sequence[flo
         raise InputError(f"The voxel spacing of {what} is unknown" + (f" (its tags give only {known})" if known
                                                                       else " (its tags give none)") +
                          ". Pass it in mm as --spacing sx,sy,sz (spacing=(sx, sy, sz) in read_volume).")
-    return tuple(found), origin
+    return tuple(found), found_in
 
 
 def _open_tiff(path: Path, slice_of: Path | None = None):
@@ -421,7 +447,8 @@ def _open_tiff(path: Path, slice_of: Path | None = None):
                          + (", or remove it." if slice_of else ".")) from None
 
 
-def _read_tiff_slices(folder: Path, paths: list[Path], spacing: Sequence[float] | None) -> Slices:
+def _read_tiff_slices(folder: Path, paths: list[Path], spacing: Sequence[float] | None,
+                      ignored: list[str]) -> Slices:
     first = None
     array = None
     for index, path in enumerate(paths):
@@ -435,7 +462,7 @@ def _read_tiff_slices(folder: Path, paths: list[Path], spacing: Sequence[float] 
                                  f"{page.shape}); CT slices hold one grey value per pixel. Export grey slices.")
             if first is None:
                 first = (path.name, page.shape, page.dtype)
-                found, origin = _tiff_spacing(tif, page)
+                found, found_in = _tiff_spacing(tif, page)
                 array = np.empty((len(paths), *page.shape), dtype=page.dtype)
             elif page.shape != first[1] or page.dtype != first[2]:
                 raise InputError(f"TIFF slices in {folder} differ: {first[0]} is {first[1][1]}x{first[1][0]} "
@@ -447,9 +474,11 @@ def _read_tiff_slices(folder: Path, paths: list[Path], spacing: Sequence[float] 
             except Exception as exc:  # as in _open_tiff: a damaged strip fails with the codec's own error
                 raise InputError(f"Slice {path.name} in {folder} is not a readable TIFF file ({exc}). Replace it "
                                  "with an intact copy, or remove it.") from None
-    resolved, origin = _resolve_spacing(found, origin, spacing, f"the TIFF slices in {folder}")
+    resolved, found_in = _resolve_spacing(found, found_in, spacing, f"the TIFF slices in {folder}")
     source = {"reader": "tiff", "path": str(folder), "files": len(paths), "first": paths[0].name,
-              "last": paths[-1].name, "spacing_from": origin}
+              "last": paths[-1].name, "spacing_from": found_in}
+    if ignored:
+        source["other_files_ignored"] = ignored
     return Slices(array, resolved, source=source)
 
 
@@ -479,9 +508,10 @@ def read_tiff_file(path: Path, spacing: Sequence[float] | None = None) -> Slices
         except Exception as exc:  # as in _open_tiff
             raise InputError(f"Volume file {path} is not a readable TIFF file ({exc}). Replace it with an intact "
                              "copy.") from None
-        found, origin = _tiff_spacing(tif, tif.pages[0])
-    resolved, origin = _resolve_spacing(found, origin, spacing, f"TIFF {path}")
-    source = {"reader": "tiff", "path": str(path), "files": 1, "pages": int(array.shape[0]), "spacing_from": origin}
+        found, found_in = _tiff_spacing(tif, tif.pages[0])
+    resolved, found_in = _resolve_spacing(found, found_in, spacing, f"TIFF {path}")
+    source = {"reader": "tiff", "path": str(path), "files": 1, "pages": int(array.shape[0]),
+              "spacing_from": found_in}
     return Slices(array, resolved, source=source)
 
 

@@ -1,6 +1,6 @@
 """Run records: what an analyst needs to reproduce and defend an explanation (seed 002, accountability).
 
-A record names the input (hash, shape, geometry), the model (name, sha256, card), the method with every setting,
+A record names the input (hash, shape, geometry, and what was read: ``input.source``), the model (name, sha256, card), the method with every setting,
 the target, the library versions, the device and the timings, and lists the output files.
 """
 
