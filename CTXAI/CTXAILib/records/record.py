@@ -1,6 +1,6 @@
 """Run records: what an analyst needs to reproduce and defend an explanation (seed 002, accountability).
 
-A record names the input (hash, shape, geometry), the model (name, sha256, card), the method with every setting,
+A record names the input (hash, shape, geometry, and what was read: ``input.source``), the model (name, sha256, card), the method with every setting,
 the target, the library versions, the device and the timings, and lists the output files.
 """
 
@@ -44,7 +44,7 @@ def run_record(result: Explanation, volume: Volume, model: LoadedModel,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "input": {"sha256": result.input_sha256, "shape_kji": list(volume.shape), "channels": volume.channels,
                   "dtype": str(volume.array.dtype), "spacing_mm": list(volume.spacing),
-                  "ijk_to_ras": volume.ijk_to_ras.tolist()},
+                  "ijk_to_ras": volume.ijk_to_ras.tolist(), **({"source": volume.source} if volume.source else {})},
         "model": {"name": model.card.name, "sha256": model.sha256, "card": model.card.to_dict(),
                   "torchscript": model.is_torchscript},
         "method": {"name": result.method, "family": result.family, "sign": result.sign, "signed": result.signed,
