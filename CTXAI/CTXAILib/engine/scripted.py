@@ -59,6 +59,8 @@ def eager_twin(scripted: torch.jit.ScriptModule, probe: torch.Tensor) -> EagerTw
         twin = _rebuild(scripted, "")
     except _Unsupported as exc:
         return EagerTwin(None, reason=str(exc))
+    except Exception as exc:  # noqa: BLE001 - a compiled module of a kind not foreseen: no twin, and why
+        return EagerTwin(None, reason=f"rebuilding it failed ({type(exc).__name__}: {str(exc).splitlines()[0]})")
     twin.eval()
     try:
         with torch.no_grad():
@@ -85,10 +87,21 @@ class _LeafConfig:
         self.module, self.path = module, path
         self._operator: torch._C.Node | None = None
 
-    def __call__(self, name: str, index: int) -> Any:
+    def __call__(self, name: str, index: int | None) -> Any:
         if hasattr(self.module, name):
             return getattr(self.module, name)
+        if index is None:
+            return self.input_channels(name)
         return _constant(self.operator().inputsAt(index), self.path)
+
+    def input_channels(self, name: str) -> int:
+        """Channels of the input a traced leaf saw (its graph records the traced sizes), for settings a traced
+        module does not keep, such as a non-affine InstanceNorm's num_features."""
+        sizes = list(self.module.graph.inputs())[1].type().sizes() if self.module._c._has_method("forward") else None
+        if not sizes or len(sizes) < 2 or sizes[1] is None:
+            raise _Unsupported(f"the {name} of its {self.module.original_name} {self.path!r} is not recorded "
+                               "(a traced module keeps only its weights)")
+        return int(sizes[1])
 
     def operator(self) -> torch._C.Node:
         if self._operator is None:
@@ -116,7 +129,10 @@ def _tensor(module: torch.jit.ScriptModule, name: str) -> torch.Tensor | None:
     return own.get(name)
 
 
-def _conv(cls: type[nn.Module], transposed: bool) -> Callable[[torch.jit.ScriptModule, _LeafConfig], nn.Module]:
+_Builder = Callable[[torch.jit.ScriptModule, _LeafConfig], nn.Module]
+
+
+def _conv(cls: type[nn.Module], transposed: bool) -> _Builder:
     # aten::_convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups, ...)
     def build(module: torch.jit.ScriptModule, config: _LeafConfig) -> nn.Module:
         weight, groups = _tensor(module, "weight"), int(config("groups", 8))
@@ -127,39 +143,36 @@ def _conv(cls: type[nn.Module], transposed: bool) -> Callable[[torch.jit.ScriptM
         padding = config("padding", 4)
         return cls(channels_in, channels_out, tuple(weight.shape[2:]), stride=tuple(config("stride", 3)),
                    padding=padding if isinstance(padding, str) else tuple(padding),
-                   dilation=tuple(config("dilation", 5)), groups=groups, bias=_tensor(module, "bias") is not None, **extra)
+                   dilation=tuple(config("dilation", 5)), groups=groups,
+                   bias=_tensor(module, "bias") is not None, **extra)
     return build
 
 
-def _norm(cls: type[nn.Module], eps: int, momentum: int) -> Callable[[torch.jit.ScriptModule, _LeafConfig], nn.Module]:
+def _norm(cls: type[nn.Module]) -> _Builder:
     # aten::batch_norm / aten::instance_norm(input, weight, bias, running_mean, running_var, flag, momentum, eps, ...)
     def build(module: torch.jit.ScriptModule, config: _LeafConfig) -> nn.Module:
-        statistics = _tensor(module, "running_mean")
-        affine = _tensor(module, "weight") is not None
-        features = (_tensor(module, "weight") if affine else statistics).shape[0] if affine or statistics is not None \
-            else config("num_features", -1)
-        return cls(features, eps=float(config("eps", eps)), momentum=config("momentum", momentum), affine=affine,
+        weight, statistics = _tensor(module, "weight"), _tensor(module, "running_mean")
+        sized = weight if weight is not None else statistics
+        features = sized.shape[0] if sized is not None else config("num_features", None)
+        return cls(features, eps=float(config("eps", 7)), momentum=config("momentum", 6), affine=weight is not None,
                    track_running_stats=statistics is not None)
     return build
 
 
 def _group_norm(module: torch.jit.ScriptModule, config: _LeafConfig) -> nn.Module:
     # aten::group_norm(input, num_groups, weight, bias, eps, cudnn_enabled)
-    affine = _tensor(module, "weight") is not None
-    return nn.GroupNorm(int(config("num_groups", 1)), int(_tensor(module, "weight").shape[0] if affine else config("num_channels", -1)),
-                        eps=float(config("eps", 4)), affine=affine)
+    weight = _tensor(module, "weight")
+    channels = weight.shape[0] if weight is not None else config("num_channels", None)
+    return nn.GroupNorm(int(config("num_groups", 1)), int(channels), eps=float(config("eps", 4)),
+                        affine=weight is not None)
 
 
-def _pool(cls: type[nn.Module], names: tuple[str, ...]) -> Callable[[torch.jit.ScriptModule, _LeafConfig], nn.Module]:
-    # The pooling operators take their settings in the constructor's order, after the input.
+def _configured(cls: type[nn.Module], names: tuple[str, ...] = ()) -> _Builder:
+    # Pooling, flatten, dropout...: their operator takes the constructor's settings in order, after the input.
     def build(module: torch.jit.ScriptModule, config: _LeafConfig) -> nn.Module:
         values = [config(name, index) for index, name in enumerate(names, start=1)]
         return cls(**{name: tuple(v) if isinstance(v, list) else v for name, v in zip(names, values)})
     return build
-
-
-def _plain(cls: type[nn.Module], names: tuple[str, ...] = ()) -> Callable[[torch.jit.ScriptModule, _LeafConfig], nn.Module]:
-    return _pool(cls, names)
 
 
 def _linear(module: torch.jit.ScriptModule, config: _LeafConfig) -> nn.Module:
@@ -170,26 +183,24 @@ def _linear(module: torch.jit.ScriptModule, config: _LeafConfig) -> nn.Module:
 _MAX_POOL = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
 _AVG_POOL = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
 
-_LEAVES: dict[str, Callable[[torch.jit.ScriptModule, _LeafConfig], nn.Module]] = {
-    "Conv1d": _conv(nn.Conv1d, False), "Conv2d": _conv(nn.Conv2d, False), "Conv3d": _conv(nn.Conv3d, False),
-    "ConvTranspose1d": _conv(nn.ConvTranspose1d, True), "ConvTranspose2d": _conv(nn.ConvTranspose2d, True),
-    "ConvTranspose3d": _conv(nn.ConvTranspose3d, True), "Linear": _linear,
-    "BatchNorm1d": _norm(nn.BatchNorm1d, 7, 6), "BatchNorm2d": _norm(nn.BatchNorm2d, 7, 6),
-    "BatchNorm3d": _norm(nn.BatchNorm3d, 7, 6), "InstanceNorm1d": _norm(nn.InstanceNorm1d, 7, 6),
-    "InstanceNorm2d": _norm(nn.InstanceNorm2d, 7, 6), "InstanceNorm3d": _norm(nn.InstanceNorm3d, 7, 6),
-    "GroupNorm": _group_norm,
-    "MaxPool1d": _pool(nn.MaxPool1d, _MAX_POOL), "MaxPool2d": _pool(nn.MaxPool2d, _MAX_POOL),
-    "MaxPool3d": _pool(nn.MaxPool3d, _MAX_POOL), "AvgPool3d": _pool(nn.AvgPool3d, _AVG_POOL),
-    "AvgPool2d": _pool(nn.AvgPool2d, _AVG_POOL), "AdaptiveAvgPool1d": _pool(nn.AdaptiveAvgPool1d, ("output_size",)),
-    "AdaptiveAvgPool2d": _pool(nn.AdaptiveAvgPool2d, ("output_size",)),
-    "AdaptiveAvgPool3d": _pool(nn.AdaptiveAvgPool3d, ("output_size",)),
-    "AdaptiveMaxPool3d": _pool(nn.AdaptiveMaxPool3d, ("output_size",)),
-    "Flatten": _plain(nn.Flatten, ("start_dim", "end_dim")), "LeakyReLU": _plain(nn.LeakyReLU, ("negative_slope",)),
-    "Dropout": _plain(nn.Dropout, ("p",)), "Dropout3d": _plain(nn.Dropout3d, ("p",)),
-    "Dropout2d": _plain(nn.Dropout2d, ("p",)), "Dropout1d": _plain(nn.Dropout1d, ("p",)),
-    "Softmax": _plain(nn.Softmax, ("dim",)),
+_SETTINGS: dict[type[nn.Module], tuple[str, ...]] = {
+    nn.MaxPool1d: _MAX_POOL, nn.MaxPool2d: _MAX_POOL, nn.MaxPool3d: _MAX_POOL,
+    nn.AvgPool1d: _AVG_POOL[:5], nn.AvgPool2d: _AVG_POOL, nn.AvgPool3d: _AVG_POOL,
+    nn.AdaptiveAvgPool1d: ("output_size",), nn.AdaptiveAvgPool2d: ("output_size",),
+    nn.AdaptiveAvgPool3d: ("output_size",), nn.Flatten: ("start_dim", "end_dim"),
+    nn.Dropout: ("p",), nn.Dropout1d: ("p",), nn.Dropout2d: ("p",), nn.Dropout3d: ("p",),
+    nn.LeakyReLU: ("negative_slope",), nn.Softmax: ("dim",),
     # Never in-place: hooks need the pre-activation values.
-    "ReLU": _plain(nn.ReLU), "Sigmoid": _plain(nn.Sigmoid), "Tanh": _plain(nn.Tanh), "Identity": _plain(nn.Identity),
+    nn.ReLU: (), nn.Sigmoid: (), nn.Tanh: (), nn.Identity: (),
+}
+
+_LEAVES: dict[str, _Builder] = {
+    **{cls.__name__: _conv(cls, False) for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)},
+    **{cls.__name__: _conv(cls, True) for cls in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)},
+    **{cls.__name__: _norm(cls) for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d,
+                                            nn.InstanceNorm2d, nn.InstanceNorm3d)},
+    **{cls.__name__: _configured(cls, names) for cls, names in _SETTINGS.items()},
+    "Linear": _linear, "GroupNorm": _group_norm,
 }
 
 
@@ -207,17 +218,27 @@ def _rebuild(module: torch.jit.ScriptModule, path: str) -> nn.Module:
     children = OrderedDict((name, _rebuild(child, f"{path}.{name}" if path else name))
                            for name, child in module.named_children())
     has_forward = module._c._has_method("forward")
-    if not children and module.original_name in _LEAVES:
+    if not children and module.original_name in _LEAVES and has_forward:
         return _rebuild_leaf(module, path or "the model")
-    if not has_forward:  # ModuleList, ModuleDict: only reached through their parent's graph
+    # ModuleList, ModuleDict and modules a trace never ran: only reached through their parent's graph, if at all.
+    if not has_forward:
         container = nn.Module()
         for name, child in children.items():
             container.add_module(name, child)
+        _copy_tensors(module, container)
         return container
     order = _chain(module.graph, set(children))
     if order is not None and sorted(order) == sorted(children) and not _own_tensors(module):
         return nn.Sequential(OrderedDict((name, children[name]) for name in order))
     return GraphModule(module, children, path)
+
+
+def _copy_tensors(scripted: torch.jit.ScriptModule, module: nn.Module) -> None:
+    """Copy the scripted module's own parameters and buffers (not its children's) onto ``module``."""
+    for name, parameter in scripted.named_parameters(recurse=False):
+        module.register_parameter(name, nn.Parameter(parameter.detach().clone(), parameter.requires_grad))
+    for name, buffer in scripted.named_buffers(recurse=False):
+        module.register_buffer(name, buffer.detach().clone())
 
 
 def _own_tensors(module: torch.jit.ScriptModule) -> bool:
@@ -263,10 +284,7 @@ class GraphModule(nn.Module):
         super().__init__()
         for name, child in children.items():
             self.add_module(name, child)
-        for name, parameter in scripted.named_parameters(recurse=False):
-            self.register_parameter(name, nn.Parameter(parameter.detach().clone(), parameter.requires_grad))
-        for name, buffer in scripted.named_buffers(recurse=False):
-            self.register_buffer(name, buffer.detach().clone())
+        _copy_tensors(scripted, self)
         self.original_name = scripted.original_name
         graph = scripted.graph
         where = f"{scripted.original_name} {path!r}" if path else scripted.original_name
@@ -301,7 +319,8 @@ class GraphModule(nn.Module):
                 return (lambda _module: value), arguments, outputs
             return (lambda module: getattr(module, name)), arguments, outputs
         if kind == "prim::CallMethod":
-            if node.s("name") != "forward":
+            # A traced module run twice gets forward1, forward2...: the same module on other inputs.
+            if not re.fullmatch(r"forward\d*", node.s("name")):
                 raise _Unsupported(f"its {where} calls method {node.s('name')!r}{_line(node)}, which CTXAI cannot "
                                    "replay (only forward calls)")
             return (lambda module, *args: module(*args)), arguments, outputs
