@@ -46,6 +46,11 @@ class LayerInfo:
         return self.output_shape is not None and len(self.output_shape) == 5
 
 
+def _type_name(module: nn.Module) -> str:
+    # The modules of a TorchScript model's eager twin that stand for the network's own classes carry their names.
+    return getattr(module, "original_name", type(module).__name__)
+
+
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -197,9 +202,9 @@ class LoadedModel:
                 for handle in handles:
                     handle.remove()
             modules = dict(named)
-            infos = [LayerInfo(n, type(modules[n]).__name__, shapes[n], isinstance(modules[n], _CONV_TYPES))
+            infos = [LayerInfo(n, _type_name(modules[n]), shapes[n], isinstance(modules[n], _CONV_TYPES))
                      for n in order]
-            infos += [LayerInfo(n, type(m).__name__, None, isinstance(m, _CONV_TYPES))
+            infos += [LayerInfo(n, _type_name(m), None, isinstance(m, _CONV_TYPES))
                       for n, m in named if n not in shapes]
         self._layers[shape] = infos
         return infos

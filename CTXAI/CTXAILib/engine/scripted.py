@@ -226,10 +226,13 @@ def _rebuild(module: torch.jit.ScriptModule, path: str) -> nn.Module:
         for name, child in children.items():
             container.add_module(name, child)
         _copy_tensors(module, container)
+        container.original_name = module.original_name
         return container
     order = _chain(module.graph, set(children))
     if order is not None and sorted(order) == sorted(children) and not _own_tensors(module):
-        return nn.Sequential(OrderedDict((name, children[name]) for name in order))
+        chain = nn.Sequential(OrderedDict((name, children[name]) for name in order))
+        chain.original_name = module.original_name  # what `ctxai layers` calls it: the network's own class
+        return chain
     return GraphModule(module, children, path)
 
 
@@ -311,6 +314,10 @@ class GraphModule(nn.Module):
         outputs = [value.unique() for value in node.outputs()]
         if kind == "prim::Constant":
             value = node.output().toIValue()
+            if isinstance(value, torch.Tensor):  # a buffer, so that moving the module moves it
+                name = f"_constant_{outputs[0]}"
+                self.register_buffer(name, value.detach().clone(), persistent=False)
+                return (lambda module: getattr(module, name)), [self._self], outputs
             return (lambda: value), [], outputs
         if kind == "prim::GetAttr":
             name = node.s("name")
