@@ -159,6 +159,8 @@ def lab_package(tmp_path, monkeypatch, models):
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
     (package / "nets.py").write_text(textwrap.dedent("""
+        from os import getcwd
+
         from CTXAILib.engine.networks import DefectClassifier3D
 
 
@@ -189,6 +191,12 @@ def test_trusted_package_architecture(lab_package, models):
     probe = torch.randn([2, 1] + PATCH)
     with torch.no_grad():
         torch.testing.assert_close(model.module(probe), expected(probe), rtol=0, atol=0)
+    # Only what the trusted package defines: not a function it imported from elsewhere.
+    card = json.loads(lab_package.read_text())
+    card["architecture"] = {"name": "ctxai_testlab.nets.getcwd"}
+    (lab_package.parent / "getcwd.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="is defined in '(posix|nt)', which 'trusted_architectures'"):
+        load_model(lab_package.parent / "getcwd.json")
     config.write_text(json.dumps({"trusted_architectures": "ctxai_testlab"}))
     with pytest.raises(ModelError, match="must be a list of Python module names"):
         load_model(lab_package)

@@ -155,8 +155,8 @@ def _trusted_factory(name: str) -> Callable[..., nn.Module]:
     module_name, _, attribute = name.rpartition(".")
     if not module_name or not is_trusted_architecture(module_name):
         known = ", ".join(sorted(ARCHITECTURES))
-        allow = f"add {module_name!r} to 'trusted_architectures' in {config_path()}" if module_name else (
-            "name it as package.module.Class")
+        allow = (f"if you trust it, add {module_name!r} to 'trusted_architectures' in {config_path()}"
+                 if module_name else "name it as package.module.Class")
         raise ModelError(f"Unknown architecture {name!r} in the model card. Use one of {known}, a MONAI class as "
                          f"monai.networks.nets.<Class>, or a class of a package you trust ({allow}; a card "
                          "cannot allow it), or save the model as TorchScript.")
@@ -169,6 +169,11 @@ def _trusted_factory(name: str) -> Callable[..., nn.Module]:
     if not callable(factory):
         raise ModelError(f"Module {module_name!r} has no class or function {attribute!r}. Check 'architecture.name' "
                          "in the model card.")
+    origin = getattr(factory, "__module__", None) or "an unknown module"
+    if not is_trusted_architecture(origin):
+        # A name a trusted module merely imported (os.system, say) must not become callable from a card.
+        raise ModelError(f"Architecture {name!r} is defined in {origin!r}, which 'trusted_architectures' in "
+                         f"{config_path()} does not trust. Name the class where it is defined.")
 
     def build(**params) -> nn.Module:
         network = factory(**params)
