@@ -18,6 +18,7 @@ from CTXAILib.cli import main as ctxai
 from CTXAILib.engine.models import sha256_file
 from CTXAILib.engine.networks import DefectClassifier3D, UNet3D
 from CTXAILib.engine.scripted import GraphModule, eager_twin
+from CTXAILib.worker.client import WorkerClient
 from ctxai_testing import calibrate_batchnorm, ct_volume
 
 PATCH = [16, 16, 16]
@@ -149,6 +150,21 @@ def test_control_flow_model_gets_the_precise_statement(tmp_path, small_volume, c
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("error: LRP hooks the model's layers") and "prim::If" in error[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_worker_describes_which_methods_work(tmp_path, models):
+    # What the panel shows: the real worker process describes both TorchScript models.
+    torch.jit.script(Branching().eval()).save(str(tmp_path / "branching.pt"))
+    card = _card(tmp_path, "branching", "classification", ["a", "b"], tmp_path / "branching.pt", None)
+    client = WorkerClient()
+    try:
+        rebuilt = client.call("describe_model", model=str(models["classifier_ts"]), device="cpu")
+        compiled = client.call("describe_model", model=str(card), device="cpu")
+    finally:
+        client.stop()
+    assert rebuilt["torchscript"] and rebuilt["layer_methods"] and rebuilt["default_layer"] == "features.block4.conv2"
+    assert compiled["torchscript"] and not compiled["layer_methods"] and compiled["default_layer"] is None
+    assert "control flow (prim::If" in compiled["layer_access"] and "Saliency" in compiled["layer_access"]
 
 
 @pytest.fixture
