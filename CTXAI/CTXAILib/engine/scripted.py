@@ -62,13 +62,18 @@ def eager_twin(scripted: torch.jit.ScriptModule, probe: torch.Tensor) -> EagerTw
     except Exception as exc:  # noqa: BLE001 - a compiled module of a kind not foreseen: no twin, and why
         return EagerTwin(None, reason=f"rebuilding it failed ({type(exc).__name__}: {str(exc).splitlines()[0]})")
     twin.eval()
-    try:
-        with torch.no_grad():
-            expected, got = scripted(probe), twin(probe)
-    except Exception as exc:  # noqa: BLE001 - any failure of the replay means no twin; say what it was
-        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-        return EagerTwin(None, reason=f"its rebuilt layers fail on a {tuple(probe.shape)} probe "
-                                      f"({lines[-1] if lines else type(exc).__name__})")
+    with torch.no_grad():
+        try:
+            expected = scripted(probe)
+        except Exception as exc:  # noqa: BLE001 - the model itself does not take this input: nothing to compare
+            return EagerTwin(None, reason=f"the model itself fails on a {tuple(probe.shape)} probe "
+                                          f"({_last_line(exc)}); give input_channels and patch_size that fit it "
+                                          "in its model card")
+        try:
+            got = twin(probe)
+        except Exception as exc:  # noqa: BLE001 - any failure of the replay means no twin; say what it was
+            return EagerTwin(None, reason=f"its rebuilt layers fail on a {tuple(probe.shape)} probe "
+                                          f"({_last_line(exc)})")
     if not (isinstance(expected, torch.Tensor) and isinstance(got, torch.Tensor)) or got.shape != expected.shape:
         return EagerTwin(None, reason="its rebuilt layers return another output than the compiled model")
     difference = float((got - expected).abs().max()) if expected.numel() else 0.0
@@ -77,6 +82,12 @@ def eager_twin(scripted: torch.jit.ScriptModule, probe: torch.Tensor) -> EagerTw
         return EagerTwin(None, reason=f"its rebuilt layers differ from the compiled model by up to {difference:.3g} "
                                       f"on a probe (outputs up to {scale:.3g})")
     return EagerTwin(twin, max_difference=difference)
+
+
+def _last_line(exc: BaseException) -> str:
+    # TorchScript puts the real cause of a failure last, under its own traceback.
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 # ------------------------------------------------------------------------------------------------------ leaves
