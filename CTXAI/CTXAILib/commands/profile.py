@@ -71,7 +71,7 @@ def _cmd_profile(args) -> int:
     explainer = Explainer(args.model, device=args.device)
     task = explainer.model.card.task
     methods = args.methods or [s.name for s in list_methods()
-                                if s.family != "prediction" and not (s.needs_hooks and not explainer.model.hookable)]
+                                if s.family != "prediction" and (explainer.model.hookable or not s.needs_hooks)]
     cases = (_user_cases(args.volume, args.mask or [], task, args.cases, args.target) if args.volume else
              _phantom_cases(task, args.cases, args.shape))
     profile = build_profile(explainer, cases, methods, checks=args.checks or PROFILE_CHECKS,
