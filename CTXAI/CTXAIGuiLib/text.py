@@ -100,5 +100,8 @@ def modelCardHtml(description) -> str:
         lines.append(_("Worker: torch {torch} ({build}) on {where}").format(
             torch=html.escape(runtime["torch"]), where=html.escape(where),
             build=_("CUDA {cuda}").format(cuda=runtime["cuda"]) if runtime.get("cuda") else _("CPU build")))
-    lines += [f"<span style='color:#b9770e'>{html.escape(w)}</span>" for w in description.get("warnings", [])]
+    warnings = list(description.get("warnings", []))
+    if description.get("layer_methods") is False:  # TorchScript without an eager twin: which methods work, and why
+        warnings.append(description.get("layer_access", ""))
+    lines += [f"<span style='color:#b9770e'>{html.escape(w)}</span>" for w in warnings]
     return "<br>".join(lines)

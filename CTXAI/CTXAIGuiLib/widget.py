@@ -319,7 +319,9 @@ class CTXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _populateMethods(self):
         task = self._task()
-        shown = [m for m in self._methods if not (m.get("segmentation_only") and task == "classification")]
+        hookable = (self._description or {}).get("layer_methods", True)
+        shown = [m for m in self._methods if not (m.get("segmentation_only") and task == "classification")
+                 and not (m.get("needs_hooks") and not hookable)]
         self._connectors["method"].setGroups(methodGroups(shown, (self._description or {}).get("advice")))
         names = [m["name"] for m in shown]
         if names and self._parameterNode.method not in names:

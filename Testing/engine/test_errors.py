@@ -131,12 +131,11 @@ def test_unknown_method_and_settings(explainer, volume):
         explainer.explain(volume, "occlusion", settings={"window": "big"})
 
 
-def test_torchscript_rejects_hook_methods(tmp_path, classifier_card, volume):
+def test_torchscript_runs_hook_methods(tmp_path, classifier_card, volume):
+    # Through the model's eager twin; a model without one is refused in test_scripted.py.
     explainer = Explainer(write_torchscript_card(tmp_path, classifier_card), device="cpu")
-    for method in ("gradcam", "lrp", "guided_backprop", "deeplift"):
-        with pytest.raises(MethodError, match="TorchScript"):
-            explainer.explain(volume, method)
-    assert np.isfinite(explainer.explain(volume, "saliency").attribution.array).all()
+    for method in ("gradcam", "saliency"):
+        assert np.abs(explainer.explain(volume, method).attribution.array).max() > 0
 
 
 def test_bad_device_and_options(classifier_card):

@@ -91,13 +91,15 @@ def _cmd_layers(args) -> int:
     infos = model.layers()
     default = model.default_layer()
     if args.json:
-        print(json.dumps({"model": model.card.name, "default": default, "layers": [
+        print(json.dumps({"model": model.card.name, "default": default, "layer_methods": model.hookable,
+                          "layer_access": model.layer_access(), "layers": [
             {"name": i.name, "type": i.type, "output_shape": i.output_shape, "conv": i.is_conv,
              "cam_usable": i.spatial} for i in infos]}, indent=2))
         return 0
     for info in infos:
         mark = "*" if info.name == default else " "
         print(f"{mark} {info.name:40s} {info.type:20s} {info.output_shape}")
+    print(f"layers: {model.layer_access()}")
     return 0
 
 

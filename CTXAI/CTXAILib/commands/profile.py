@@ -74,7 +74,7 @@ def _cmd_profile(args) -> int:
     explainer = Explainer(args.model, device=args.device)
     task = explainer.model.card.task
     methods = args.methods or [s.name for s in list_methods()
-                                if s.family != "prediction" and not (s.needs_hooks and explainer.model.is_torchscript)]
+                                if s.family != "prediction" and (explainer.model.hookable or not s.needs_hooks)]
     cases = (_user_cases(args.volume, args.mask or [], task, args.cases, args.target, args.series, args.spacing)
              if args.volume else
              _phantom_cases(task, args.cases, args.shape))

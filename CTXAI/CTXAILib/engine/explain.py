@@ -475,10 +475,8 @@ class Explainer:
         if spec.segmentation_only and card.task != "segmentation":
             raise MethodError(f"{spec.label} is the segmentation model's own probability map; model {card.name!r} "
                               "is a classifier, whose class probabilities are in the prediction.")
-        if spec.needs_hooks and self.model.is_torchscript:
-            raise MethodError(f"{spec.label} hooks the model's layers, but model {card.name!r} is TorchScript, "
-                              "whose layers run compiled. Use a gradient or perturbation method, or load a "
-                              "state_dict with an architecture named in the model card.")
+        if spec.needs_hooks and not self.model.hookable:
+            raise MethodError(f"{spec.label} hooks the model's layers. {self.model.hook_refusal()}")
         monitor = RunMonitor(callback=progress, cancel=cancel, message=spec.label)
         monitor.report("preparing input", 0.0)
         prepared = self.prepare(volume)

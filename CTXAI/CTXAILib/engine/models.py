@@ -3,7 +3,8 @@
 A model is a weights file plus a model card (see :mod:`.modelcard`). TorchScript archives are loaded with
 ``torch.jit.load`` (compiled code, no Python pickle); state_dicts with ``torch.load(weights_only=True)`` into an
 architecture the card names, so no untrusted pickle ever runs. A bare TorchScript file without a card still works:
-the task is inferred from the output shape, with a warning saying what was assumed.
+the task is inferred from the output shape, with a warning saying what was assumed. A TorchScript model is run
+through its eager twin (:mod:`.scripted`) when one reproduces it, so that layer methods can hook its layers.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from ..errors import LayerError, ModelError
 from .files import regular_file
 from .modelcard import ModelCard
 from .networks import build_architecture
+from .scripted import EagerTwin, eager_twin
 
 __all__ = ["LayerInfo", "LoadedModel", "load_model", "sha256_file", "find_card"]
 
 # Module types whose output is a spatial feature map a CAM can weight.
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONV_NAMES = frozenset(t.__name__ for t in _CONV_TYPES)  # a scripted module keeps its class name only
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,11 @@ class LayerInfo:
     def spatial(self) -> bool:
         """True when the output is a 3-D feature map (N, C, D, H, W), the only kind a CAM can use."""
         return self.output_shape is not None and len(self.output_shape) == 5
+
+
+def _type_name(module: nn.Module) -> str:
+    # The modules of a TorchScript model's eager twin that stand for the network's own classes carry their names.
+    return getattr(module, "original_name", type(module).__name__)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -82,10 +90,17 @@ class LoadedModel:
 
     def __init__(self, module: nn.Module, card: ModelCard, sha256: str, device: torch.device | str = "cpu",
                  warnings_: list[str] | None = None):
+        self.card = card
+        self._torchscript = isinstance(module, torch.jit.ScriptModule)
+        self.twin: EagerTwin | None = None
+        if self._torchscript:
+            generator = torch.Generator().manual_seed(0)
+            probe = torch.randn((1, card.input_channels) + self.probe_shape(), generator=generator)
+            self.twin = eager_twin(module.eval(), probe)
+            module = self.twin.module or module
         self.module = module.eval()
         for parameter in self.module.parameters():
             parameter.requires_grad_(False)  # attributions need input gradients only; this halves backward work
-        self.card = card
         self.sha256 = sha256
         self.warnings = list(warnings_ or [])
         self.device = torch.device("cpu")
@@ -95,7 +110,35 @@ class LoadedModel:
 
     @property
     def is_torchscript(self) -> bool:
-        return isinstance(self.module, torch.jit.ScriptModule)
+        """Whether the file is TorchScript (run through its eager twin when it has one)."""
+        return self._torchscript
+
+    @property
+    def hookable(self) -> bool:
+        """Whether layer methods can hook the model's layers: Python modules, or a TorchScript model's eager twin."""
+        return not isinstance(self.module, torch.jit.ScriptModule)
+
+    def layer_access(self) -> str:
+        """How layer methods reach the model's layers, in words (for ``ctxai layers``, the panel and the record)."""
+        if not self._torchscript:
+            return "Python modules"
+        if self.hookable:
+            return (f"rebuilt from TorchScript as Python modules (largest difference from the compiled model on a "
+                    f"random probe: {self.twin.max_difference:.3g})")
+        return self.hook_refusal()
+
+    def hook_refusal(self) -> str | None:
+        """Why layer methods cannot run on this model and which methods can; None when they can."""
+        if self.hookable:
+            return None
+        from .methods import list_methods
+
+        specs = [spec for spec in list_methods() if spec.family != "prediction"]
+        hooked = ", ".join(spec.label for spec in specs if spec.needs_hooks)
+        others = ", ".join(spec.label for spec in specs if not spec.needs_hooks)
+        return (f"Model {self.card.name!r} is TorchScript and CTXAI could not rebuild its layers as Python modules: "
+                f"{self.twin.reason}. Layer methods ({hooked}) need such modules to hook and do not work on it; "
+                f"{others} do. For layer methods, give a state_dict with its architecture in the model card.")
 
     def to(self, device: torch.device | str) -> LoadedModel:
         self.device = torch.device(device)
@@ -137,9 +180,9 @@ class LoadedModel:
         if shape in self._layers:
             return self._layers[shape]
         named = [(name, module) for name, module in self.module.named_modules() if name]
-        if self.is_torchscript:
+        if not self.hookable:
             # Compiled modules run their graph in C++: Python forward hooks never fire, so no shapes.
-            infos = [LayerInfo(name, m.original_name, None, False) for name, m in named]
+            infos = [LayerInfo(name, m.original_name, None, m.original_name in _CONV_NAMES) for name, m in named]
         else:
             shapes: dict[str, tuple[int, ...]] = {}
             order: list[str] = []
@@ -159,15 +202,18 @@ class LoadedModel:
                 for handle in handles:
                     handle.remove()
             modules = dict(named)
-            infos = [LayerInfo(n, type(modules[n]).__name__, shapes[n], isinstance(modules[n], _CONV_TYPES))
+            infos = [LayerInfo(n, _type_name(modules[n]), shapes[n], isinstance(modules[n], _CONV_TYPES))
                      for n in order]
-            infos += [LayerInfo(n, type(m).__name__, None, isinstance(m, _CONV_TYPES))
+            infos += [LayerInfo(n, _type_name(m), None, isinstance(m, _CONV_TYPES))
                       for n, m in named if n not in shapes]
         self._layers[shape] = infos
         return infos
 
     def default_layer(self) -> str | None:
-        """The card's CAM layer, else the last convolution (before the output head for segmentation)."""
+        """The card's CAM layer, else the last convolution (before the output head for segmentation); None when
+        layer methods cannot run on the model (see :meth:`hook_refusal`)."""
+        if not self.hookable:
+            return None
         if self.card.default_cam_layer:
             return self.card.default_cam_layer
         convs = [info for info in self.layers() if info.is_conv and info.spatial]
@@ -180,11 +226,9 @@ class LoadedModel:
         """The module named ``name`` (the default CAM layer when None); raises LayerError with suggestions."""
         import difflib
 
+        if not self.hookable:
+            raise LayerError(self.hook_refusal())
         name = name or self.default_layer()
-        if self.is_torchscript:
-            raise LayerError(f"Layer {name!r} cannot be hooked: model {self.card.name!r} is TorchScript, whose "
-                             "layers run compiled. Use a state_dict with an architecture in the model card for "
-                             "layer methods (CAMs, guided backprop, DeepLIFT, LRP).")
         modules = dict(self.module.named_modules())
         if not name or name not in modules:
             spatial = [info.name for info in self.layers() if info.spatial]

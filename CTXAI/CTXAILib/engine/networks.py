@@ -117,8 +117,9 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 def build_architecture(name: str, params: dict | None = None) -> nn.Module:
     """Instantiate an architecture named in a model card, with its keyword parameters.
 
-    Only classes from this registry and from ``monai.networks.nets`` can be built: a card cannot make the loader
-    import or call anything else.
+    Only classes from this registry, from ``monai.networks.nets`` and from the packages the user's configuration
+    trusts (:mod:`.config`, ``trusted_architectures``) can be built: a card alone cannot make the loader import or
+    call anything else.
     """
     from ..errors import ModelError
 
@@ -136,11 +137,48 @@ def build_architecture(name: str, params: dict | None = None) -> nn.Module:
             raise ModelError(f"MONAI has no network class {name!r}. Check the spelling in the model card's "
                              "'architecture.name' (for example monai.networks.nets.UNet).")
     else:
-        known = ", ".join(sorted(ARCHITECTURES))
-        raise ModelError(f"Unknown architecture {name!r} in the model card. Use one of {known}, or a MONAI class "
-                         "as monai.networks.nets.<Class>, or save the model as TorchScript.")
+        factory = _trusted_factory(name)
     try:
         return factory(**params)
     except TypeError as exc:
         raise ModelError(f"Cannot build {name} with the card's parameters {params}: {exc}. "
                          "Fix 'architecture.params' in the model card.") from exc
+
+
+def _trusted_factory(name: str) -> Callable[..., nn.Module]:
+    """The class or factory function ``package.module.Name`` of a package the user's configuration trusts."""
+    import importlib
+
+    from ..errors import ModelError
+    from .config import config_path, is_trusted_architecture
+
+    module_name, _, attribute = name.rpartition(".")
+    if not module_name or not is_trusted_architecture(module_name):
+        known = ", ".join(sorted(ARCHITECTURES))
+        allow = (f"if you trust it, add {module_name!r} to 'trusted_architectures' in {config_path()}"
+                 if module_name else "name it as package.module.Class")
+        raise ModelError(f"Unknown architecture {name!r} in the model card. Use one of {known}, a MONAI class as "
+                         f"monai.networks.nets.<Class>, or a class of a package you trust ({allow}; a card "
+                         "cannot allow it), or save the model as TorchScript.")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelError(f"Architecture {name!r} is trusted in {config_path()} but its module cannot be imported "
+                         f"({exc}). Install the package in CTXAI's Python environment.") from exc
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ModelError(f"Module {module_name!r} has no class or function {attribute!r}. Check 'architecture.name' "
+                         "in the model card.")
+    origin = getattr(factory, "__module__", None) or "an unknown module"
+    if not is_trusted_architecture(origin):
+        # A name a trusted module merely imported (os.system, say) must not become callable from a card.
+        raise ModelError(f"Architecture {name!r} is defined in {origin!r}, which 'trusted_architectures' in "
+                         f"{config_path()} does not trust. Name the class where it is defined.")
+
+    def build(**params) -> nn.Module:
+        network = factory(**params)
+        if not isinstance(network, nn.Module):
+            raise ModelError(f"Architecture {name!r} returns {type(network).__name__}, not a torch.nn.Module. "
+                             "Name the network class (or a function that returns one) in the model card.")
+        return network
+    return build

@@ -202,6 +202,7 @@ class Worker:
         model = explainer.model
         profile = read_profile(request["model"], model.sha256) if str(request["model"]).endswith(".json") else None
         return {"card": model.card.to_dict(), "sha256": model.sha256, "torchscript": model.is_torchscript,
+                "layer_access": model.layer_access(), "layer_methods": model.hookable,
                 "default_layer": model.default_layer(), "warnings": model.warnings, "device": str(explainer.device),
                 "layers": [{"name": i.name, "type": i.type, "output_shape": i.output_shape,
                             "cam_usable": i.spatial} for i in model.layers()],
