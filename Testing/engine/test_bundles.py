@@ -162,6 +162,17 @@ def test_bundle_intensity_transforms(tmp_path, monai_unet, transform, expected):
         assert load_model(folder).card.normalization.to_dict() == expected
 
 
+def test_yaml_bundle_reads_like_json(tmp_path, bundle):
+    yaml = pytest.importorskip("yaml")
+    folder = tmp_path / bundle.name
+    shutil.copytree(bundle, folder)
+    config = folder / "configs" / "inference.json"
+    (folder / "configs" / "inference.yaml").write_text(yaml.safe_dump(json.loads(config.read_text())))
+    config.unlink()
+    assert load_model(folder).card.to_dict() | {"training": None} == load_model(bundle).card.to_dict() | {
+        "training": None}
+
+
 def test_bundle_torchscript_and_custom_network(tmp_path, monai_unet):
     folder = _write_bundle(tmp_path / "ts", _inference(network_def={"_target_": "scripts.net.MyNet"}))
     with pytest.raises(Exception, match="not a MONAI network"):

@@ -24,7 +24,6 @@ network that is not one of ``monai.networks.nets``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -176,13 +175,11 @@ class _Entry:
 
 
 def _read(path: Path, folder: Path) -> dict:
-    try:
-        if path.suffix == ".json":
-            data = json.loads(path.read_text())
-        else:
-            import yaml
+    from monai.bundle import ConfigParser
 
-            data = yaml.safe_load(path.read_text())  # plain data only: no YAML tag can construct an object
+    try:
+        # MONAI's own reader: YAML through a SafeLoader (no tag can construct an object), duplicate keys refused.
+        data = ConfigParser.load_config_file(str(path))
     except Exception as exc:  # noqa: BLE001 - JSON, YAML and decoding errors all mean the same to the analyst
         raise ModelError(f"Bundle {folder}: {path.name} cannot be read ({str(exc).splitlines()[0]}). Fix the "
                          "file.") from exc
@@ -378,6 +375,11 @@ def read_bundle(folder: str | Path, trust_code: bool = False) -> Bundle:
     if weights is None:
         raise ModelError(f"Bundle {folder} has no models/model.pt (state_dict) or models/model.ts (TorchScript). "
                          "Put the trained weights there.")
+    try:
+        import monai  # noqa: F401
+    except ImportError:
+        raise ModelError(f"{folder} is a MONAI bundle, and reading it needs MONAI. Install it with "
+                         "`pip install monai`.") from None
     metadata = _read(configs / "metadata.json", folder)
     config = _Config(folder, config_file, _read(config_file, folder), metadata, trust_code)
     data_format = metadata.get("network_data_format") or {}
