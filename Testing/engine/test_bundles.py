@@ -141,6 +141,21 @@ def test_bundle_expression_needs_trust(tmp_path, monai_unet, capsys):
     assert main(["layers", "--model", str(folder), "--trust-bundle-code"]) == 0
 
 
+def test_worker_describes_a_bundle_and_trusts_only_when_asked(tmp_path, monai_unet):
+    from CTXAILib.worker.client import WorkerClient, WorkerError
+
+    network = {"_target_": "UNet", **UNET, "channels": "$[4, 8]"}
+    folder = _write_bundle(tmp_path / "expr", _inference(network_def=network), monai_unet)
+    client = WorkerClient()
+    try:
+        with pytest.raises(WorkerError, match="--trust-bundle-code"):
+            client.call("describe_model", model=str(folder), device="cpu")
+        described = client.call("describe_model", model=str(folder), device="cpu", trust_bundle_code=True)
+        assert described["card"]["class_names"] == ["background", "pore"] and not described["model_reused"]
+    finally:
+        client.stop()
+
+
 @pytest.mark.parametrize("transform, expected", [
     ({"_target_": "ScaleIntensityRanged", "a_min": 0, "a_max": 100, "b_min": -1, "b_max": 1},
      {"type": "minmax", "range": [0.0, 100.0], "output": [-1.0, 1.0]}),
