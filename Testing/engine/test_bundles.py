@@ -215,7 +215,7 @@ def test_monai_factory_function_card(tmp_path, volume):
     assert torch.equal(explainer.model(x), net(x))
     target = Target("pore", region=REGION)  # one 16³ patch
     cam = explainer.explain(volume, "gradcam", target)
-    ig = explainer.explain(volume, "integrated_gradients", target, settings={"steps": 8, "baseline": "air"})
+    ig = explainer.explain(volume, "integrated_gradients", target, settings={"steps": 4, "baseline": "air"})
     assert cam.layer == explainer.model.default_layer() and cam.layer.startswith("layer4")
     assert cam.attribution.same_geometry(volume) and np.ptp(cam.attribution.array) > 0
     # The same numbers as Captum's IG on the network itself, fed the window-normalised patch.
@@ -226,7 +226,7 @@ def test_monai_factory_function_card(tmp_path, volume):
 
     def captum(index: int) -> np.ndarray:
         return IntegratedGradients(lambda t: net(t)[:, index]).attribute(patch, baselines=baseline,
-                                                                         n_steps=8)[0, 0].numpy()
+                                                                         n_steps=4)[0, 0].numpy()
 
     mine = ig.attribution.array[REGION.box.slices]
     np.testing.assert_allclose(mine, captum(1), rtol=1e-4, atol=1e-5 * np.abs(mine).max())

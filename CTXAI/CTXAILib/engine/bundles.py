@@ -268,8 +268,9 @@ def _preprocessing(config: _Config, image_key: str, warnings: list[str]
                          "ScaleIntensity(d) and NormalizeIntensity(d)). Write a model card for the bundle's weights "
                          "with the normalisation stated.")
     if len(normalizations) > 1:
-        raise ModelError(f"Bundle {config.folder}: its preprocessing chains {' then '.join(n for n, _ in normalizations)}"
-                         "; a model card states one normalisation. Write a model card for the bundle's weights.")
+        chain = " then ".join(name for name, _ in normalizations)
+        raise ModelError(f"Bundle {config.folder}: its preprocessing chains {chain}; a model card states one "
+                         "normalisation. Write a model card for the bundle's weights.")
     return (normalizations[0][1] if normalizations else Normalization()), spacing
 
 
