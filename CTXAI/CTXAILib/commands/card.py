@@ -85,7 +85,7 @@ def _cmd_init(args) -> int:
 
     from ..engine.geometry import atomic_output
     from ..engine.models import _is_torchscript, load_model, sha256_file
-    from ..errors import ModelError
+    from ..errors import CTXAIError, ModelError
 
     weights = Path(args.weights).resolve()
     out = Path(args.out).resolve()
@@ -114,18 +114,22 @@ def _cmd_init(args) -> int:
     # the model it describes has loaded and answered: a card that does not load is never left behind.
     with atomic_output(out) as tmp:
         tmp.write_text(json.dumps(card, indent=2) + "\n")
-        model = load_model(tmp)
-        model.check_output()
-        shape = (1, model.card.input_channels) + model.probe_shape()
-        with torch.no_grad():
-            output = model(torch.zeros(shape))
-        if output.shape[1] != len(classes):
-            raise ModelError(f"The model returns {output.shape[1]} output channel(s) for a {tuple(shape)} input, but "
-                             f"--classes names {len(classes)} ({', '.join(classes)}). Give one class name per output "
-                             "channel.")
-        layer = model.default_layer()
-        if args.layer is not None:
-            model.get_layer(args.layer)  # a misspelt layer is refused with the layers that exist
+        try:
+            model = load_model(tmp)
+            model.check_output()
+            shape = (1, model.card.input_channels) + model.probe_shape()
+            with torch.no_grad():
+                output = model(torch.zeros(shape))
+            if output.shape[1] != len(classes):
+                raise ModelError(f"The model returns {output.shape[1]} output channel(s) for a {tuple(shape)} input, "
+                                 f"but --classes names {len(classes)} ({', '.join(classes)}). Give one class name per "
+                                 "output channel.")
+            layer = model.default_layer()
+            if args.layer is not None:
+                model.get_layer(args.layer)  # a misspelt layer is refused with the layers that exist
+        except CTXAIError as exc:
+            # The errors name the card being checked: the analyst knows it as --out, not as its temporary twin.
+            raise type(exc)(f"{str(exc).replace(str(tmp), str(out))} No card was written.") from None
     print(f"wrote {out}")
     print(f"  format       {card['format']}" + ("" if torchscript else f" ({args.architecture})"))
     print(f"  sha256       {card['sha256']}")

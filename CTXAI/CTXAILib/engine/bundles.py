@@ -396,7 +396,7 @@ def read_bundle(folder: str | Path, trust_code: bool = False) -> Bundle:
                                                         if isinstance(metadata.get("description"), str) else ""),
         "task": "segmentation" if output.get("type") == "image" else "classification",
         "class_names": class_names,
-        "input_channels": int(image.get("num_channels", 1)),
+        "input_channels": image.get("num_channels", 1),
         "patch_size": _patch(config, image),
         "spacing_mm": list(spacing) if spacing else None,
         "normalization": normalization.to_dict(),

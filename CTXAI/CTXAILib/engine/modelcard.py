@@ -14,7 +14,8 @@ Schema (every key is validated on load; an error names the file, the key and the
       "normalization": {"type": "window", "window": [-1000, 4000]}
                      | {"type": "meanstd", "mean": 1200.0, "std": 1500.0}
                      | {"type": "minmax"} | {"type": "minmax", "range": [0, 65535]}
-                     | {"type": "percentile", "percentiles": [0.5, 99.5]}       # + "mean", "std", "nonzero"
+                     | {"type": "percentile", "percentiles": [0.5, 99.5]}  # + "mean", "std", "nonzero",
+                                                                               #   "clip" (fixed raw bounds)
                      | {"type": "none"},                 # see "Normalisations" below
       "air_value": -1000,                          # raw grey value of air (baseline "air"); optional
       "output_activation": "softmax" | "sigmoid" | "none",
