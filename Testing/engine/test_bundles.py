@@ -21,6 +21,7 @@ from CTXAILib.engine.modelcard import ModelCard, Normalization
 from CTXAILib.engine.models import sha256_file
 from CTXAILib.engine.networks import UNet3D
 from CTXAILib.engine.targets import BoxRegion
+from CTXAILib.records.record import run_record
 from ctxai_testing import ct_volume
 
 monai_nets = pytest.importorskip("monai.networks.nets")
@@ -280,6 +281,7 @@ def test_minmax_explains_torchscript_unet_with_one_statistic_per_volume(sigmoid_
     result = explainer.explain(volume, "integrated_gradients", target, settings=settings)
     lo, hi = float(volume.array.min()), float(volume.array.max())
     assert result.normalization["range"] == [lo, hi] and "once" in result.normalization["per_volume"]
+    assert run_record(result, volume, explainer.model)["input"]["normalization"] == result.normalization
     assert result.attribution.same_geometry(volume) and np.abs(result.attribution.array).max() > 0
     card = json.loads(sigmoid_unet_ts.read_text())
 
