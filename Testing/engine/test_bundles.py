@@ -264,19 +264,19 @@ def sigmoid_unet_ts(tmp_path_factory) -> Path:
     """A 1-channel sigmoid U-Net as TorchScript, with a card normalising min-max per volume."""
     folder = tmp_path_factory.mktemp("ts_unet")
     torch.manual_seed(1)
-    torch.jit.trace(UNet3D(out_channels=1, widths=(4, 8)).eval(), torch.zeros(1, 1, 16, 16, 16)).save(
+    torch.jit.trace(UNet3D(out_channels=1, widths=(4, 8)).eval(), torch.zeros(1, 1, 12, 12, 12)).save(
         str(folder / "unet.ts"))
     card = {"name": "sigmoid-unet", "task": "segmentation", "class_names": ["pore"], "format": "torchscript",
-            "weights": "unet.ts", "patch_size": [16, 16, 16], "normalization": {"type": "minmax"},
+            "weights": "unet.ts", "patch_size": [12, 12, 12], "normalization": {"type": "minmax"},
             "output_activation": "sigmoid"}
     (folder / "unet.json").write_text(json.dumps(card))
     return folder / "unet.json"
 
 
 def test_minmax_explains_torchscript_unet_with_one_statistic_per_volume(sigmoid_unet_ts):
-    volume = ct_volume((24, 24, 24))  # two 16³ tiles along each axis
+    volume = ct_volume((16, 16, 16))  # two 12³ tiles along each axis
     # A region inside the first tile: its map depends on that tile's normalisation, per volume or per tile.
-    target, settings = Target("pore", region=BoxRegion(Box((1, 1, 1), (7, 7, 7)))), {"steps": 4}
+    target, settings = Target("pore", region=BoxRegion(Box((1, 1, 1), (4, 4, 4)))), {"steps": 4}
     explainer = Explainer(sigmoid_unet_ts, device="cpu", memory_mb=SMALL)
     result = explainer.explain(volume, "integrated_gradients", target, settings=settings)
     lo, hi = float(volume.array.min()), float(volume.array.max())
@@ -297,7 +297,7 @@ def test_minmax_explains_torchscript_unet_with_one_statistic_per_volume(sigmoid_
     np.testing.assert_allclose(result.attribution.array, fixed.attribution.array, rtol=1e-4,
                                atol=1e-5 * np.abs(fixed.attribution.array).max())
     # The control: the range of one tile's voxels (what a per-tile statistic would use) gives another map.
-    corner = volume.array[:16, :16, :16]
+    corner = volume.array[:12, :12, :12]
     tile = with_range("tile.json", [float(corner.min()), float(corner.max())]).explain(
         volume, "integrated_gradients", target, settings=settings)
     assert not np.allclose(tile.attribution.array, result.attribution.array, rtol=1e-3, atol=0)
