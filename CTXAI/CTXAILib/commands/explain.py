@@ -18,6 +18,9 @@ VOLUME_HELP = ("CT volume: an image file (NRRD, NIfTI, MHA, multi-page TIFF, ...
                "(see --series) or a folder of TIFF slices, read in natural name order (see --spacing); the run "
                "record says what was read")
 
+_TRUST = ("let a MONAI bundle's config evaluate its Python expressions ($...) and build a network that is not "
+          "MONAI's: this runs the bundle's code, so only for bundles from authors you trust")
+
 
 def _ints(text: str, count: int, what: str) -> list[int]:
     try:
@@ -87,7 +90,7 @@ def _cmd_methods(args) -> int:
 def _cmd_layers(args) -> int:
     from ..engine.models import load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, trust_code=args.trust_bundle_code)
     infos = model.layers()
     default = model.default_layer()
     if args.json:
@@ -133,7 +136,7 @@ def _cmd_explain(args) -> int:
             raise InputError(f"Reference mask {args.reference_mask} does not have the geometry of volume "
                              f"{args.volume} (shape and IJK-to-RAS must match). Resample it onto the volume first.")
         reference = np.asarray(reference_volume.array) > 0
-    model = load_model(args.model)
+    model = load_model(args.model, trust_code=args.trust_bundle_code)
     # Check names are resolved before anything is written: a misspelt one costs no run and no folder.
     checks = resolve_checks(list(args.checks or []) + (["faithfulness"] if args.quality else []), model.card.task,
                             reference is not None)
@@ -196,14 +199,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_cmd_checks)
 
     p = sub.add_parser("layers", help="list a model's layers with output shapes (* = default CAM layer)")
-    p.add_argument("--model", required=True, help="model card (.json) or weights file")
+    p.add_argument("--model", required=True, help="model card (.json), weights file or MONAI bundle folder")
+    p.add_argument("--trust-bundle-code", action="store_true", help=_TRUST)
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_cmd_layers)
 
     p = sub.add_parser("explain", help="explain one target on one volume")
     p.add_argument("--volume", required=True, help=VOLUME_HELP)
     add_volume_options(p)
-    p.add_argument("--model", required=True, help="model card (.json) or weights file")
+    p.add_argument("--model", required=True, help="model card (.json), weights file or MONAI bundle folder")
+    p.add_argument("--trust-bundle-code", action="store_true", help=_TRUST)
     p.add_argument("--method", required=True, help="method name (see `ctxai methods`)")
     p.add_argument("--target", help="class name or number (default: the predicted class / first foreground class)")
     p.add_argument("--contrast", help="explain TARGET minus this class ('why pore, not crack')")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import LayerError, ModelError
+from .bundles import read_bundle
 from .files import regular_file
 from .modelcard import ModelCard
 from .networks import build_architecture
@@ -239,13 +240,17 @@ class LoadedModel:
         return modules[name]
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """Load a model from its card (``.json``) or its weights file (card found beside it, if any).
+def load_model(path: str | Path, device: torch.device | str = "cpu", trust_code: bool = False) -> LoadedModel:
+    """Load a model from its card (``.json``), its weights file (card found beside it, if any) or a MONAI bundle
+    folder (:mod:`.bundles`; ``trust_code`` lets the Python expressions of its config run).
 
     Raises :class:`ModelError` for a missing, corrupt or mismatching file, with what to do about it.
     """
-    path = regular_file(path, "Model file", ModelError)
-    if path.suffix.lower() == ".json":
+    bundle = read_bundle(path, trust_code) if Path(path).is_dir() else None
+    if bundle is not None:
+        card = bundle.card
+        weights = regular_file(card.weights_path, "Weights file", ModelError)
+    elif (path := regular_file(path, "Model file", ModelError)).suffix.lower() == ".json":
         card = ModelCard.load(path)
         weights = card.weights_path
         if not weights.exists():
@@ -268,7 +273,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     if card.format == "torchscript":
         module = _jit_load(weights)
     else:
-        module = build_architecture(card.architecture["name"], card.architecture.get("params"))
+        module = (bundle.build() if bundle is not None else
+                  build_architecture(card.architecture["name"], card.architecture.get("params")))
         state = _load_state_dict(weights)
         try:
             module.load_state_dict(state, strict=True)
@@ -277,7 +283,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
             raise ModelError(f"Weights {weights} do not fit architecture {card.architecture['name']} with params "
                              f"{card.architecture.get('params', {})}: {detail}. Fix 'architecture' in the card "
                              "or use the matching weights.") from exc
-    return LoadedModel(module, card, digest, device)
+    return LoadedModel(module, card, digest, device, bundle.warnings if bundle is not None else None)
 
 
 def _check_archive(path: Path) -> None:
@@ -319,8 +325,11 @@ def _load_state_dict(path: Path) -> dict:
         raise ModelError(f"Could not load state_dict {path} safely: {first}. The file is damaged, or it holds "
                          "pickled Python objects beyond tensors (refused: untrusted code could run); save the "
                          "model with torch.save(model.state_dict(), path).") from exc
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    # Training checkpoints (MONAI's CheckpointSaver among them) keep the weights under one key.
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"{path} does not hold a state_dict (a mapping of names to tensors). Save it with "
                          "torch.save(model.state_dict(), path).")
