@@ -12,7 +12,11 @@ from pathlib import Path
 from ..errors import InputError
 from .terminal import TerminalProgress
 
-__all__ = ["add_parser"]
+__all__ = ["add_parser", "add_volume_options"]
+
+VOLUME_HELP = ("CT volume: an image file (NRRD, NIfTI, MHA, multi-page TIFF, ...), a folder holding a DICOM series "
+               "(see --series) or a folder of TIFF slices, read in natural name order (see --spacing); the run "
+               "record says what was read")
 
 
 def _ints(text: str, count: int, what: str) -> list[int]:
@@ -23,6 +27,27 @@ def _ints(text: str, count: int, what: str) -> list[int]:
     if len(values) != count:
         raise argparse.ArgumentTypeError(f"{what} needs {count} comma-separated integers, got {text!r}")
     return values
+
+
+def _spacing_mm(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(0 < v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"--spacing needs three voxel sizes in mm, sx,sy,sz (for example "
+                                         f"0.2,0.2,0.5), got {text!r}")
+    return values
+
+
+def add_volume_options(parser: argparse.ArgumentParser) -> None:
+    """``--series`` and ``--spacing``, for every sub-command that takes ``--volume`` (pass both to read_volume)."""
+    parser.add_argument("--series", metavar="UID",
+                        help="the DICOM SeriesInstanceUID to read when a --volume folder holds several series "
+                             "(the error lists them)")
+    parser.add_argument("--spacing", type=_spacing_mm, metavar="sx,sy,sz",
+                        help="voxel size in mm for TIFF stacks, instead of their tags (needed when they have "
+                             "none); a volume that stores its spacing must agree with it")
 
 
 def _memory_mb(text: str) -> float:
@@ -87,10 +112,10 @@ def _cmd_explain(args) -> int:
     from ..records.outputs import claim_output_folder, write_explanation
 
     started = time.time()
-    volume = read_volume(args.volume)
+    volume = read_volume(args.volume, series=args.series, spacing=args.spacing)
     mask = None
     if args.mask:
-        mask_volume = read_volume(args.mask)
+        mask_volume = read_volume(args.mask, spacing=args.spacing)
         if not mask_volume.same_geometry(volume):
             raise InputError(f"Mask {args.mask} does not have the geometry of volume {args.volume} (shape and "
                              "IJK-to-RAS must match). Resample the mask onto the volume first.")
@@ -101,7 +126,7 @@ def _cmd_explain(args) -> int:
                     contrast=args.contrast, region=region, score=args.score)
     reference = None
     if args.reference_mask:
-        reference_volume = read_volume(args.reference_mask)
+        reference_volume = read_volume(args.reference_mask, spacing=args.spacing)
         if not reference_volume.same_geometry(volume):
             raise InputError(f"Reference mask {args.reference_mask} does not have the geometry of volume "
                              f"{args.volume} (shape and IJK-to-RAS must match). Resample it onto the volume first.")
@@ -174,7 +199,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_cmd_layers)
 
     p = sub.add_parser("explain", help="explain one target on one volume")
-    p.add_argument("--volume", required=True, help="CT volume (NRRD, NIfTI, MHA, ...)")
+    p.add_argument("--volume", required=True, help=VOLUME_HELP)
+    add_volume_options(p)
     p.add_argument("--model", required=True, help="model card (.json) or weights file")
     p.add_argument("--method", required=True, help="method name (see `ctxai methods`)")
     p.add_argument("--target", help="class name or number (default: the predicted class / first foreground class)")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .explain import add_volume_options
+
 __all__ = ["add_parser"]
 
 PROFILE_SEED = 900_500  # held out: training never used seeds past 900 000
@@ -35,7 +37,8 @@ def _phantom_cases(task: str, count: int, shape: int):
     return cases
 
 
-def _user_cases(volumes: list[str], masks: list[str], task: str, count: int, target_class: str | None):
+def _user_cases(volumes: list[str], masks: list[str], task: str, count: int, target_class: str | None,
+                series: str | None = None, spacing: tuple[float, float, float] | None = None):
     from scipy import ndimage
 
     from ..checks.profile import ProfileCase
@@ -47,11 +50,11 @@ def _user_cases(volumes: list[str], masks: list[str], task: str, count: int, tar
         raise InputError(f"Give one --mask per --volume ({len(volumes)} volumes, {len(masks)} masks).")
     cases = []
     for index, path in enumerate(volumes):
-        volume = read_volume(path)
+        volume = read_volume(path, series=series, spacing=spacing)
         if not masks:
             cases.append(ProfileCase(volume, Target(target_class), f"{Path(path).name} (whole)"))
             continue
-        labels, found = ndimage.label(read_volume(masks[index]).array > 0)
+        labels, found = ndimage.label(read_volume(masks[index], spacing=spacing).array > 0)
         sizes = np.bincount(labels.ravel())[1:] if found else []
         for label in (np.argsort(-np.asarray(sizes))[:count] + 1 if found else []):
             mask = labels == label
@@ -72,7 +75,8 @@ def _cmd_profile(args) -> int:
     task = explainer.model.card.task
     methods = args.methods or [s.name for s in list_methods()
                                 if s.family != "prediction" and not (s.needs_hooks and explainer.model.is_torchscript)]
-    cases = (_user_cases(args.volume, args.mask or [], task, args.cases, args.target) if args.volume else
+    cases = (_user_cases(args.volume, args.mask or [], task, args.cases, args.target, args.series, args.spacing)
+             if args.volume else
              _phantom_cases(task, args.cases, args.shape))
     profile = build_profile(explainer, cases, methods, checks=args.checks or PROFILE_CHECKS,
                             log=lambda m: print(m, flush=True))
@@ -86,7 +90,10 @@ def _cmd_profile(args) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="a model's trust profile: every method through the checks, with advice")
     p.add_argument("--model", required=True, help="model card (.json)")
-    p.add_argument("--volume", action="append", help="your volume (repeatable; default: the embedded phantom)")
+    p.add_argument("--volume", action="append",
+                   help="your volume (repeatable; default: the embedded phantom): an image file, a DICOM series "
+                        "folder or a TIFF stack, as for `ctxai explain`")
+    add_volume_options(p)
     p.add_argument("--mask", action="append", help="reference mask per --volume: each component is one case")
     p.add_argument("--target", help="class to explain on your volumes (default: predicted / first foreground)")
     p.add_argument("--methods", type=lambda t: [m.strip() for m in t.split(",") if m.strip()],

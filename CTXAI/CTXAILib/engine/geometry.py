@@ -6,11 +6,15 @@ along i, j, k in mm, the RAS position of voxel (0, 0, 0) and the RAS unit direct
 IJK-to-RAS matrix is computed from those three exactly as Slicer computes it, so a volume that goes from a Slicer
 node to the engine and back keeps its matrix to the last bit. LPS (files, ITK) and RAS differ by the sign of the
 first two rows, and a sign change is exact in floating point.
+
+Besides single image files, :func:`read_volume` reads folders of slices (a DICOM series, TIFF slices) and
+multi-page TIFF files, and :func:`write_volume` writes DICOM series and TIFF stacks (see :mod:`.slices`).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +22,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import InputError, RegionError
+from ..errors import InputError, OutputError, RegionError
 from .files import regular_file
+from .slices import (TIFF_SUFFIXES, Slices, check_given_spacing, looks_like_dicom, read_slice_folder,
+                     read_tiff_file, write_dicom_series, write_tiff_stack)
 
 __all__ = ["Box", "Volume", "read_volume", "write_volume", "atomic_output"]
 
@@ -130,6 +136,9 @@ class Volume:
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
     directions: np.ndarray = field(default_factory=lambda: np.eye(3))
+    #: What :func:`read_volume` read (``reader``, ``path`` and the reader's details), for run records; None for a
+    #: volume made in memory. Derived volumes (``with_array``, ``crop``) do not carry it.
+    source: dict | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.spacing = tuple(float(s) for s in self.spacing)
@@ -194,11 +203,55 @@ class Volume:
         return self.shape == other.shape and np.array_equal(self.ijk_to_ras, other.ijk_to_ras)
 
 
-def read_volume(path: str | os.PathLike) -> Volume:
-    """Read an image file (NRRD, NIfTI, MHA, ... anything SimpleITK reads) into a :class:`Volume`."""
+def _given_spacing(spacing: Sequence[float] | None) -> tuple[float, float, float] | None:
+    if spacing is None:
+        return None
+    try:
+        values = tuple(float(v) for v in spacing)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 3 or not all(np.isfinite(v) and v > 0 for v in values):
+        raise InputError(f"A voxel spacing is three positive sizes in mm (sx, sy, sz), got {spacing!r}. Pass it as "
+                         "--spacing 0.2,0.2,0.2 (spacing=(0.2, 0.2, 0.2) in read_volume).")
+    return values
+
+
+def _from_slices(slices: Slices) -> Volume:
+    return Volume(slices.array, slices.spacing, tuple(np.asarray(slices.origin_lps) * _LPS_TO_RAS),
+                  np.asarray(slices.directions_lps) * _LPS_TO_RAS[:, None], source=slices.source)
+
+
+def read_volume(path: str | os.PathLike, series: str | None = None,
+                spacing: Sequence[float] | None = None) -> Volume:
+    """Read a volume: an image file (NRRD, NIfTI, MHA, ... anything SimpleITK reads; a multi-page TIFF), a folder
+    holding a DICOM series, or a folder of TIFF slices (one per file, in natural name order: 2 before 10).
+
+    Args:
+        path: The file or folder.
+        series: The SeriesInstanceUID to read from a folder holding several DICOM series.
+        spacing: Voxel size (sx, sy, sz) in mm. TIFF stacks take it instead of their tags (needed when they have
+            none); files that store their geometry (NRRD, DICOM, ...) must agree with it.
+
+    Returns:
+        The :class:`Volume` in RAS, its ``source`` saying what was read (``reader``: ``simpleitk``, ``dicom`` with
+        the series UID and slice count, or ``tiff`` with the file count).
+
+    Raises:
+        InputError: Unreadable, empty or ambiguous input, named with what to do (see :mod:`.slices`).
+    """
     import SimpleITK as sitk
 
+    given = _given_spacing(spacing)
+    if Path(path).is_dir():
+        return _from_slices(read_slice_folder(Path(path), series, given))
     path = regular_file(path, "Volume file", InputError)
+    if series is not None:
+        raise InputError(f"--series {series} picks a series from a DICOM folder, but {path} is a file. Give the "
+                         "folder holding the series as --volume.")
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        return _from_slices(read_tiff_file(path, given))
+    if looks_like_dicom(path):
+        raise InputError(f"{path} is one DICOM slice. Give the folder holding its series as --volume.")
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -210,25 +263,34 @@ def read_volume(path: str | os.PathLike) -> Volume:
                          "file with a valid geometry (spacing, directions)?") from exc
     if image.GetDimension() != 3:
         raise InputError(f"{path} is a {image.GetDimension()}-D image; CTXAI explains 3-D volumes only.")
+    if given is not None:
+        check_given_spacing(given, image.GetSpacing(), f"file {path}")
     array = sitk.GetArrayFromImage(image)
     if image.GetNumberOfComponentsPerPixel() > 1:
         array = np.moveaxis(array, -1, 0)  # SimpleITK puts vector components last; the engine wants them first
     directions = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3) * _LPS_TO_RAS[:, None]
     origin = np.array(image.GetOrigin(), dtype=np.float64) * _LPS_TO_RAS
-    return Volume(array, image.GetSpacing(), tuple(origin), directions)
+    return Volume(array, image.GetSpacing(), tuple(origin), directions,
+                  source={"reader": "simpleitk", "path": str(path)})
 
 
 class atomic_output:
     """Context manager yielding a private temporary path beside ``path``; renamed onto ``path`` only on success.
 
-    A failed write leaves neither a partial file nor the temporary behind.
+    With ``folder=True`` the temporary is a folder (for a DICOM series or a TIFF stack), renamed onto ``path``
+    only if ``path`` does not exist or is an empty folder. A failed write leaves neither a partial output nor the
+    temporary behind, and whatever was at ``path`` before stays as it was.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, folder: bool = False):
         self.path = Path(path)
+        self.folder = folder
 
     def __enter__(self) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.folder:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+            return self.tmp
         # Keep the real suffix last: SimpleITK picks its writer from it.
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix="".join(self.path.suffixes) or ".tmp",
                                    dir=self.path.parent)
@@ -238,17 +300,26 @@ class atomic_output:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            # mkstemp makes the file 0600; the finished file gets the permissions any new file would get.
+            # mkstemp and mkdtemp make private entries; the finished output gets what any new one would get.
             umask = os.umask(0)
             os.umask(umask)
-            os.chmod(self.tmp, 0o666 & ~umask)
-            os.replace(self.tmp, self.path)
+            os.chmod(self.tmp, (0o777 if self.folder else 0o666) & ~umask)
+            try:
+                os.replace(self.tmp, self.path)
+            except OSError:
+                self._discard()
+                raise
+        else:
+            self._discard()
+
+    def _discard(self) -> None:
+        if self.folder:
+            shutil.rmtree(self.tmp, ignore_errors=True)
         else:
             self.tmp.unlink(missing_ok=True)
 
 
-def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True) -> Path:
-    """Write a :class:`Volume` to an image file (format from the suffix), atomically."""
+def _write_file(volume: Volume, path: Path, compress: bool) -> None:
     import SimpleITK as sitk
 
     array = volume.array
@@ -261,4 +332,41 @@ def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True)
     image.SetDirection(tuple((volume.directions * _LPS_TO_RAS[:, None]).ravel()))
     with atomic_output(path) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=compress)
-    return Path(path)
+
+
+def _to_slices(volume: Volume) -> Slices:
+    return Slices(volume.array, volume.spacing, tuple(np.asarray(volume.origin) * _LPS_TO_RAS),
+                  volume.directions * _LPS_TO_RAS[:, None])
+
+
+#: Formats written as a folder of slices: name -> writer(slices, empty folder).
+FOLDER_FORMATS = {"dicom": write_dicom_series, "tiff": write_tiff_stack}
+
+
+def write_volume(volume: Volume, path: str | os.PathLike, format: str | None = None, compress: bool = True) -> Path:
+    """Write a :class:`Volume` atomically: an image file (format from the suffix), or a folder of slices.
+
+    Args:
+        volume: The volume.
+        path: The file, or for a folder format the folder (new, or empty).
+        format: None for a file; ``"dicom"`` for a DICOM series (one int16 CT slice per file, rescaled) or
+            ``"tiff"`` for a TIFF stack (one file per slice with ImageJ spacing tags); see :mod:`.slices`.
+        compress: Compress the file (formats that can).
+
+    Raises:
+        OutputError: Unknown format, a folder that is not empty, or a volume the format cannot hold.
+    """
+    path = Path(path)
+    if format is None:
+        _write_file(volume, path, compress)
+        return path
+    writer = FOLDER_FORMATS.get(format)
+    if writer is None:
+        raise OutputError(f"Unknown volume format {format!r}; use one of {', '.join(FOLDER_FORMATS)}, or None for a "
+                          "file whose suffix gives its format.")
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+        raise OutputError(f"Cannot write a {format} series into {path}: it exists and is not an empty folder. "
+                          "Choose a new folder, or remove that one first.")
+    with atomic_output(path, folder=True) as tmp:
+        writer(_to_slices(volume), tmp)
+    return path
