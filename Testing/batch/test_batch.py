@@ -1,8 +1,8 @@
 """``ctxai batch`` on real parts: phantoms, the bundled U-Net, real worker processes, a real local Ray.
 
-One folder of four held-out phantom parts and a corrupt file is explained with the policy "confidence < 0.9 plus a
-25 % sample": by the CLI in a subprocess that is SIGKILLed after its first finished item and then run again, and by
-a local Ray. Both must give the same table, the second run must not recompute what the first finished, and the
+One folder of four held-out phantom parts (NRRD files, a DICOM series, a TIFF stack) and a corrupt file is
+explained with the policy "confidence < 0.9 plus a 25 % sample": by the CLI in a subprocess that is SIGKILLed after
+its first finished item and then run again, and by a local Ray. Both must give the same table, the second run must not recompute what the first finished, and the
 corrupt file must be one failed row with its reason.
 """
 
@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from CTXAILib.batch.policy import Policy
@@ -32,13 +33,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="session")
 def parts(tmp_path_factory) -> Path:
-    from CTXAILib import write_volume
+    from CTXAILib import Volume, write_volume
     from CTXAILib.synthetic.phantom import generate_phantom
 
     folder = tmp_path_factory.mktemp("parts")
+    formats = {1: "dicom", 2: "tiff"}  # part1 is a DICOM series folder, part2 a folder of TIFF slices
     for n, seed in enumerate(SEEDS):
-        phantom = generate_phantom(seed, (64, 64, 64), defect_counts={"pore": 2, "inclusion_dense": 1})
-        write_volume(phantom.ct, folder / f"part{n}.nrrd")
+        ct = generate_phantom(seed, (64, 64, 64), defect_counts={"pore": 2, "inclusion_dense": 1}).ct
+        if formats.get(n) == "tiff":  # a TIFF stack has no origin or axes: the reader's are LPS from voxel 0
+            ct = Volume(ct.array, ct.spacing, directions=np.diag([-1.0, -1.0, 1.0]))
+        write_volume(ct, folder / (f"part{n}" if n in formats else f"part{n}.nrrd"), format=formats.get(n))
     # A truncated NRRD: its header promises 64³ floats, the data is missing.
     (folder / "corrupt.nrrd").write_bytes((folder / "part0.nrrd").read_bytes()[:400])
     return folder

@@ -3,8 +3,10 @@
 A manifest row names a ``volume`` (a file, or a folder for a DICOM series or TIFF stack; relative paths are taken
 from the manifest's folder) and optionally a ``part_id`` (default: the volume's name without its suffix), a ``mask``
 (label volume on the scan's grid), an ``roi`` (``i0,j0,k0,i1,j1,k1``, upper corner exclusive) or a ``point``
-(``i,j,k``). For a segmentation model a mask, ROI or point limits the scan's regions to those touching it; for a
-classifier each row is one item to explain, and several rows may name one part.
+(``i,j,k``), and for the readers a DICOM ``series`` (SeriesInstanceUID, when the folder holds several) or a TIFF
+stack's ``spacing`` (``sx,sy,sz`` mm, when its tags have none). For a segmentation model a mask, ROI or point
+limits the scan's regions to those touching it; for a classifier each row is one item to explain, and several rows
+may name one part.
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ class Scan:
     mask: Path | None = None
     roi: list[int] | None = None
     point: list[int] | None = None
+    series: str | None = None
+    spacing: list[float] | None = None
     places: list[dict[str, list[int]]] = field(default_factory=list)
 
     def payload(self) -> dict[str, Any]:
-        return {"part_id": self.part_id, "volume": str(self.path), "mask": self.mask and str(self.mask),
-                "roi": self.roi, "point": self.point}
+        return {"part_id": self.part_id, "volume": str(self.path), "series": self.series, "spacing": self.spacing,
+                "mask": self.mask and str(self.mask), "roi": self.roi, "point": self.point}
 
 
 def _part_id(path: Path) -> str:
@@ -61,6 +65,20 @@ def _ints(value: Any, count: int, what: str, where: str) -> list[int] | None:
     if len(numbers) != count:
         raise InputError(f"{where}: {what} needs {count} integers (i,j,k{',i1,j1,k1' if count == 6 else ''}), got "
                          f"{value!r}. Fix that row of the manifest.")
+    return numbers
+
+
+def _spacing(value: Any, where: str) -> list[float] | None:
+    if value is None or value == "":
+        return None
+    parts = value if isinstance(value, list) else re.split(r"[\s,;]+", str(value).strip())
+    try:
+        numbers = [float(v) for v in parts]
+    except (TypeError, ValueError):
+        numbers = []
+    if len(numbers) != 3 or not all(0 < v < float("inf") for v in numbers):
+        raise InputError(f"{where}: spacing needs three voxel sizes in mm (sx,sy,sz), got {value!r}. Fix that row "
+                         "of the manifest.")
     return numbers
 
 
@@ -115,6 +133,8 @@ def read_inputs(inputs: str | Path, task: str) -> list[Scan]:
             raise InputError(f"{where}: part ID {part_id!r} cannot name a folder; use letters, digits, '.', '_' and "
                              "'-' only.")
         place = {"roi": _ints(row.get("roi"), 6, "roi", where), "point": _ints(row.get("point"), 3, "point", where)}
+        series = str(row.get("series") or "").strip() or None
+        spacing = _spacing(row.get("spacing"), where)
         mask = str(row.get("mask") or "").strip()
         mask_path = None if not mask else Path(mask) if Path(mask).is_absolute() else base / mask
         if sum(v is not None for v in (*place.values(), mask_path)) > 1:
@@ -123,7 +143,7 @@ def read_inputs(inputs: str | Path, task: str) -> list[Scan]:
             if mask_path is not None or not any(v is not None for v in place.values()):
                 raise InputError(f"{where}: a classifier explains given places; give each row an roi "
                                  "(i0,j0,k0,i1,j1,k1) or a point (i,j,k) in a manifest.")
-            scan = scans.setdefault(part_id, Scan(part_id, given, path))
+            scan = scans.setdefault(part_id, Scan(part_id, given, path, series=series, spacing=spacing))
             if scan.path != path:
                 raise InputError(f"{where}: part ID {part_id!r} names two volumes ({scan.volume} and {given}). "
                                  "Give each part one volume.")
@@ -132,5 +152,5 @@ def read_inputs(inputs: str | Path, task: str) -> list[Scan]:
         if part_id in scans:
             raise InputError(f"{where}: part ID {part_id!r} is given twice ({scans[part_id].volume} and {given}). "
                              "Give each scan its own part_id.")
-        scans[part_id] = Scan(part_id, given, path, mask_path, place["roi"], place["point"])
+        scans[part_id] = Scan(part_id, given, path, mask_path, place["roi"], place["point"], series, spacing)
     return list(scans.values())

@@ -224,8 +224,9 @@ def run_batch(model: str | Path, inputs: str | Path, out: str | Path, policy: st
                             _finish(row, run_summary(record), run_dir, card.task)
                             continue
                         items.append(((index, region["defect_id"], method), {
-                            "volume": str(scan.path), "method": method, "settings": values, "checks": check_names,
-                            "seed": seed, "target": target, "run_dir": str(out / run_dir), "started": started,
+                            "volume": str(scan.path), "series": scan.series, "spacing": scan.spacing,
+                            "method": method, "settings": values, "checks": check_names, "seed": seed,
+                            "target": target, "run_dir": str(out / run_dir), "started": started,
                             "record": {"key": key, "part_id": scan.part_id, "defect_id": region["defect_id"],
                                        "selected_by": selected, "policy": rule.to_dict()}}))
             save()

@@ -48,12 +48,13 @@ def call(task: str, index: int, payload: dict[str, Any]) -> tuple[int, dict[str,
     return index, outcome
 
 
-def _volume(path: str):
+def _volume(payload: dict[str, Any]):
     from ..engine.geometry import read_volume
 
+    source = (payload["volume"], payload.get("series"), payload.get("spacing"))
     cached = _STATE.get("volume")
-    if cached is None or cached[0] != path:
-        _STATE["volume"] = (path, read_volume(path))
+    if cached is None or cached[0] != source:
+        _STATE["volume"] = (source, read_volume(*source))
     return _STATE["volume"][1]
 
 
@@ -120,7 +121,7 @@ def _predict(payload: dict[str, Any]) -> dict[str, Any]:
     from ..records.record import write_json
 
     explainer = _STATE["explainer"]
-    volume = _volume(payload["volume"])
+    volume = _volume(payload)
     prepared = explainer.prepare(volume)
     wanted = {"input_sha256": prepared.sha256, "model_sha256": explainer.model.sha256,
               "min_voxels": payload["min_voxels"], "limit": {k: payload.get(k) for k in ("mask", "roi", "point")}}
@@ -159,7 +160,7 @@ def _explain(payload: dict[str, Any]) -> dict[str, Any]:
 
     explainer = _STATE["explainer"]
     model = explainer.model
-    volume = _volume(payload["volume"])
+    volume = _volume(payload)
     target = payload["target"]
     region = parse_region(target.get("roi"), target.get("point"))
     started = time.perf_counter()

@@ -23,7 +23,7 @@ __all__ = ["BATCH_ROWS", "MIN_VOXELS", "run_batch_rows", "format_batch"]
 BATCH_ROWS = ("batch-local-1", "batch-local-2", "batch-ray-2")
 MIN_VOXELS = 3
 _PARTS, _QUICK_PARTS = 4, 2
-_DEFECTS = {"pore": 3, "inclusion_dense": 1}
+_DEFECTS = {"pore": 2, "inclusion_dense": 1}
 
 
 def _engine(row: str) -> tuple[str, int]:
