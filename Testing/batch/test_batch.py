@@ -169,3 +169,26 @@ def test_cli_bad_policy_is_one_line(parts, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "--policy term 'half' is not understood" in err
     assert not (tmp_path / "b").exists()
+
+
+def test_classifier_explains_the_manifest_places(classifier_card, volume_file, tmp_path):
+    """A classifier's items are the manifest's points and ROIs; a bad row is refused before any work."""
+    from CTXAILib.batch.inputs import read_inputs
+
+    manifest = tmp_path / "items.csv"
+    manifest.write_text(f"part_id,volume,point,roi\nblock,{volume_file},16 16 16,\nblock,{volume_file},,"
+                        "4 4 4 20 20 20\n")
+    batch = run_batch(classifier_card, manifest, tmp_path / "out", methods=["saliency"], workers=1)
+    rows = batch["rows"]
+    assert [(r["defect_id"], r["selected_by"], r["status"]) for r in rows] == [(1, "given", "done"),
+                                                                                (2, "given", "done")]
+    for row in rows:
+        record = json.loads((tmp_path / "out" / row["run_dir"] / "run.json").read_text())
+        assert row["class"] == record["prediction"]["predicted_class"] == record["target"]["class"]
+        assert row["mean_confidence"] == record["prediction"]["target_probability"]
+    assert rows[1]["bbox_ijk"] == [4, 4, 4, 20, 20, 20] and rows[0]["centre_ijk"] == [16, 16, 16]
+    manifest.write_text(f"volume,point\n{volume_file},16 16\n")
+    with pytest.raises(InputError, match=r"items.csv row 1: point needs 3 integers"):
+        read_inputs(manifest, "classification")
+    with pytest.raises(InputError, match="a classifier explains given places"):
+        read_inputs(volume_file.parent, "classification")
