@@ -8,7 +8,7 @@ every time, whatever the order of the scans, the number of workers or the other 
 >>> policy = Policy.parse("confidence<0.9+sample=25%", seed=7)
 >>> policy.select(0.5, "ab" * 32, 3), policy.select(1.0, "ab" * 32, 3)
 ('low_confidence', None)
->>> policy.to_dict()
+>>> Policy.parse("Sample=25% + confidence<0.9", seed=7).to_dict()
 {'text': 'confidence<0.9+sample=25%', 'all': False, 'confidence_below': 0.9, 'sample_percent': 25.0, 'seed': 7}
 """
 
@@ -58,7 +58,10 @@ class Policy:
             except ValueError:
                 raise InputError(f"--policy term {term!r} is not understood. Give {_SYNTAX}, for example "
                                  "'confidence<0.9+sample=25%'.") from None
-        return cls("+".join(terms), everything, below, percent, int(seed))
+        # The text is rebuilt from the terms so that one policy, however written, resumes one batch.
+        text = "+".join(["all"] * everything + [f"confidence<{below:g}"] * (below is not None)
+                        + [f"sample={percent:g}%"] * (percent is not None))
+        return cls(text, everything, below, percent, int(seed))
 
     def sampled(self, input_sha256: str, region_id: int) -> bool:
         """Whether the seeded sample takes region ``region_id`` of the scan whose input hash is ``input_sha256``."""
