@@ -59,8 +59,10 @@ class Policy:
                 raise InputError(f"--policy term {term!r} is not understood. Give {_SYNTAX}, for example "
                                  "'confidence<0.9+sample=25%'.") from None
         # The text is rebuilt from the terms so that one policy, however written, resumes one batch.
-        text = "+".join(["all"] * everything + [f"confidence<{below:g}"] * (below is not None)
-                        + [f"sample={percent:g}%"] * (percent is not None))
+        parts = ["all"] if everything else []
+        parts += [] if below is None else [f"confidence<{below:g}"]
+        parts += [] if percent is None else [f"sample={percent:g}%"]
+        text = "+".join(parts)
         return cls(text, everything, below, percent, int(seed))
 
     def sampled(self, input_sha256: str, region_id: int) -> bool:
