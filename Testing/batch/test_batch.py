@@ -60,6 +60,10 @@ def _finished(out: Path) -> dict[str, tuple[int, str]]:
             for p in out.glob("*/*/run.json")}
 
 
+def _predictions(out: Path) -> dict[str, int]:
+    return {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/prediction.json")}
+
+
 @pytest.fixture(scope="session")
 def local_batch(parts, tmp_path_factory):
     """The CLI killed (SIGKILL, its workers too) after its first finished item, then run again to the end."""
@@ -72,9 +76,9 @@ def local_batch(parts, tmp_path_factory):
         time.sleep(0.05)
     os.killpg(first.pid, signal.SIGKILL)
     first.communicate()
-    before = _finished(out)
+    before, predicted = _finished(out), _predictions(out)
     second = subprocess.run(_cli(parts, out), env=env, capture_output=True, text=True, timeout=300)
-    return out, before, second
+    return out, before, second, predicted
 
 
 def test_policy_sample_is_seeded_per_region_whatever_the_order():
@@ -95,8 +99,10 @@ def test_policy_sample_is_seeded_per_region_whatever_the_order():
 
 
 def test_killed_batch_resumes_without_recomputing(local_batch):
-    out, before, second = local_batch
+    out, before, second, predicted = local_batch
     assert second.returncode == 0, second.stderr
+    # Every scan was predicted before the first item ran: the second run reuses the predictions too.
+    assert sorted(predicted) == [f"part{n}" for n in range(4)] and _predictions(out) == predicted
     batch = json.loads((out / "batch.json").read_text())
     after = _finished(out)
     done = [r for r in batch["rows"] if r["status"] == "done"]
@@ -108,7 +114,7 @@ def test_killed_batch_resumes_without_recomputing(local_batch):
 
 
 def test_table_follows_the_policy_and_the_runs(local_batch, parts):
-    out, _, _ = local_batch
+    out = local_batch[0]
     batch = json.loads((out / "batch.json").read_text())
     assert batch["format"] == "ctxai-batch/1" and batch["policy"]["seed"] == 0
     rows = batch["rows"]

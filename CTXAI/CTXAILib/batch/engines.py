@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -86,6 +87,8 @@ def _watch_parent(parent: int) -> None:
 
 
 def _start_local(setup: dict[str, Any], devices, parent: int) -> None:
+    # Ctrl-C reaches the whole process group: the batch process stops the pool, its workers print no tracebacks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     work.start_worker(dict(setup, device=devices.get()))
 
