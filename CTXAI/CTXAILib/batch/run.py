@@ -130,6 +130,88 @@ def _previous_run(run_dir: Path, key: str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and (record.get("batch") or {}).get("key") == key else None
 
 
+class _Table:
+    """The batch's rows as they fill in: a scan's regions once it is predicted, an item's run once it is done."""
+
+    def __init__(self, out: Path, batch: dict[str, Any], scans: list[Scan], rule: Policy, task: str,
+                 model_sha256: str, methods: dict[str, dict[str, Any]], checks: list[str], seed: int, started: float):
+        self.out, self.batch, self.scans, self.rule, self.task = out, batch, scans, rule, task
+        self.model_sha256, self.methods, self.checks, self.seed, self.started = (model_sha256, methods, checks,
+                                                                                  seed, started)
+        self.rows: dict[tuple, dict[str, Any]] = {}
+        self.scan_info: dict[int, dict[str, Any]] = {}
+        self.items: list[tuple[tuple, dict[str, Any]]] = []  # (row slot, explain payload) still to compute
+        self.reused = 0
+
+    def _places(self, scan: Scan, outcome: dict[str, Any]) -> list[dict[str, Any]]:
+        if self.task == "segmentation":
+            return outcome["regions"]
+        return [{"defect_id": n, "bbox_ijk": p.get("roi"), "centre_ijk": p.get("point"), "place": p}
+                for n, p in enumerate(scan.places, start=1)]
+
+    def add_scan(self, index: int, outcome: dict[str, Any]) -> None:
+        """Rows for a predicted (or failed) scan; the picked regions become items unless a run folder has them."""
+        scan = self.scans[index]
+        sha = outcome.get("input_sha256")
+        self.scan_info[index] = {
+            "part_id": scan.part_id, "volume": scan.volume, "input_sha256": sha,
+            "status": "done" if outcome["ok"] else "failed", "error": outcome.get("error"),
+            "regions": len(outcome["regions"]) if outcome["ok"] else None,
+            "prediction": f"{scan.part_id}/prediction.json" if outcome["ok"] else None, "seconds": outcome["seconds"]}
+        if not outcome["ok"]:
+            self.rows[(index, 0, "")] = _row(scan, status="failed", error=outcome["error"], seconds=outcome["seconds"])
+            return
+        for region in self._places(scan, outcome):
+            number = region["defect_id"]
+            fields = {k: region.get(k) for k in ("defect_id", "class", "voxels", "centre_ijk", "bbox_ijk",
+                                                 "mean_confidence", "max_confidence")}
+            fields["input_sha256"] = sha
+            selected = ("given" if self.task != "segmentation" else
+                        self.rule.select(region["mean_confidence"], sha, number))
+            if selected is None:
+                self.rows[(index, number, "")] = _row(scan, **fields, status="not_selected")
+                continue
+            target = ({"class": region["class"], "point": region["point_ijk"]} if self.task == "segmentation"
+                      else dict(region["place"]))
+            for method, values in self.methods.items():
+                key = item_key(sha, self.model_sha256, method, values, self.seed, self.checks, target)
+                run_dir = f"{scan.part_id}/defect{number:03d}-{method}"
+                row = self.rows[(index, number, method)] = _row(scan, **fields, selected_by=selected, method=method,
+                                                                status="pending")
+                record = _previous_run(self.out / run_dir, key)
+                if record is not None:
+                    self.reused += 1
+                    _finish(row, run_summary(record), run_dir, self.task)
+                    continue
+                self.items.append(((index, number, method), {
+                    "volume": str(scan.path), "series": scan.series, "spacing": scan.spacing, "method": method,
+                    "settings": values, "checks": self.checks, "seed": self.seed, "target": target,
+                    "run_dir": str(self.out / run_dir), "started": self.started,
+                    "record": {"key": key, "part_id": scan.part_id, "defect_id": number, "selected_by": selected,
+                               "policy": self.rule.to_dict()}}))
+
+    def finish_item(self, index: int, outcome: dict[str, Any]) -> None:
+        slot, payload = self.items[index]
+        row = self.rows[slot]
+        if outcome["ok"]:
+            _finish(row, outcome, str(Path(payload["run_dir"]).relative_to(self.out)), self.task)
+            row["seconds"] = outcome["seconds"]
+        else:
+            row.update(status="failed", error=outcome["error"], seconds=outcome["seconds"])
+
+    def save(self) -> None:
+        order = list(self.methods)
+        rows = [self.rows[k] for k in sorted(self.rows, key=lambda k: (k[0], k[1], order.index(k[2])
+                                                                        if k[2] in order else -1))]
+        scans = [self.scan_info[n] for n in sorted(self.scan_info)]
+        statuses = [r["status"] for r in rows]
+        self.batch.update(rows=rows, scans=scans, counts={
+            "scans": len(self.scans), "regions": sum(s["regions"] or 0 for s in scans),
+            "items": len(self.items) + self.reused, "done": statuses.count("done"), "failed": statuses.count("failed"),
+            "skipped": statuses.count("not_selected"), "reused": self.reused})
+        _write_table(self.out, self.batch)
+
+
 def run_batch(model: str | Path, inputs: str | Path, out: str | Path, policy: str = "all",
               methods: Iterable[str] = ("saliency",), checks: Iterable[str] | str | None = None,
               settings: dict[str, Any] | None = None, seed: int = 0, engine: str = "local",
@@ -160,22 +242,7 @@ def run_batch(model: str | Path, inputs: str | Path, out: str | Path, policy: st
     engine_class = get_engine(engine)
     batch: dict[str, Any] = {"format": FORMAT, **job, "engine": engine, "started": _now(), "finished": None,
                              "counts": {}, "scans": [], "rows": []}
-    rows: dict[tuple, dict[str, Any]] = {}
-    scan_info: dict[int, dict[str, Any]] = {}
-    items: list[tuple[tuple, dict[str, Any]]] = []
-    reused = 0
-
-    def save() -> None:
-        ordered = [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1], list(chosen).index(k[2])
-                                                                if k[2] in chosen else -1))]
-        batch["rows"] = ordered
-        batch["scans"] = [scan_info[n] for n in sorted(scan_info)]
-        statuses = [r["status"] for r in ordered]
-        batch["counts"] = {"scans": len(scans), "regions": sum(s.get("regions") or 0 for s in batch["scans"]),
-                           "items": len(items) + reused, "done": statuses.count("done"),
-                           "failed": statuses.count("failed"), "skipped": statuses.count("not_selected"),
-                           "reused": reused}
-        _write_table(out, batch)
+    table = _Table(out, batch, scans, rule, card.task, loaded.sha256, chosen, check_names, seed, started)
 
     def report(message: str, fraction: float, eta: float | None = None) -> None:
         if progress is not None:
@@ -188,66 +255,18 @@ def run_batch(model: str | Path, inputs: str | Path, out: str | Path, policy: st
         payloads = [dict(scan.payload(), scan_dir=str(out / scan.part_id), min_voxels=int(min_voxels))
                     for scan in scans]
         for count, (index, outcome) in enumerate(pool.map("predict", payloads), start=1):
-            scan = scans[index]
-            info = {"part_id": scan.part_id, "volume": scan.volume, "input_sha256": outcome.get("input_sha256"),
-                    "status": "done" if outcome["ok"] else "failed", "error": outcome.get("error"),
-                    "regions": len(outcome.get("regions") or []) if outcome["ok"] else None,
-                    "prediction": f"{scan.part_id}/prediction.json" if outcome["ok"] else None,
-                    "seconds": outcome["seconds"]}
-            scan_info[index] = info
-            if not outcome["ok"]:
-                rows[(index, 0, "")] = _row(scan, status="failed", error=outcome["error"], seconds=outcome["seconds"])
-            else:
-                places = outcome["regions"] if card.task == "segmentation" else [
-                    {"defect_id": n, "bbox_ijk": p.get("roi"), "centre_ijk": p.get("point"), "place": p}
-                    for n, p in enumerate(scan.places, start=1)]
-                for region in places:
-                    fields = {k: region.get(k) for k in ("defect_id", "class", "voxels", "centre_ijk", "bbox_ijk",
-                                                         "mean_confidence", "max_confidence")}
-                    fields["input_sha256"] = info["input_sha256"]
-                    selected = ("given" if card.task != "segmentation" else
-                                rule.select(region["mean_confidence"], info["input_sha256"], region["defect_id"]))
-                    if selected is None:
-                        rows[(index, region["defect_id"], "")] = _row(scan, **fields, status="not_selected")
-                        continue
-                    target = ({"class": region["class"], "point": region["point_ijk"]} if card.task == "segmentation"
-                              else dict(region["place"]))
-                    for method, values in chosen.items():
-                        key = item_key(info["input_sha256"], loaded.sha256, method, values, seed, check_names,
-                                       target)
-                        run_dir = f"{scan.part_id}/defect{region['defect_id']:03d}-{method}"
-                        row = _row(scan, **fields, selected_by=selected, method=method, status="pending")
-                        rows[(index, region["defect_id"], method)] = row
-                        record = _previous_run(out / run_dir, key)
-                        if record is not None:
-                            reused += 1
-                            _finish(row, run_summary(record), run_dir, card.task)
-                            continue
-                        items.append(((index, region["defect_id"], method), {
-                            "volume": str(scan.path), "series": scan.series, "spacing": scan.spacing,
-                            "method": method, "settings": values, "checks": check_names, "seed": seed,
-                            "target": target, "run_dir": str(out / run_dir), "started": started,
-                            "record": {"key": key, "part_id": scan.part_id, "defect_id": region["defect_id"],
-                                       "selected_by": selected, "policy": rule.to_dict()}}))
-            save()
+            table.add_scan(index, outcome)
+            table.save()
             report(f"predicted {count}/{len(scans)} scan(s)", 0.0)
-        begun, finished = time.perf_counter(), 0
-        for index, outcome in pool.map("explain", [payload for _, payload in items]):
-            slot, payload = items[index]
-            row = rows[slot]
-            if outcome["ok"]:
-                _finish(row, outcome, str(Path(payload["run_dir"]).relative_to(out)), card.task)
-                row["seconds"] = outcome["seconds"]
-            else:
-                row.update(status="failed", error=outcome["error"], seconds=outcome["seconds"])
-            finished += 1
-            save()
-            elapsed = time.perf_counter() - begun
-            failed = sum(r["status"] == "failed" for r in rows.values())
-            report(f"{finished}/{len(items)} item(s) explained, {failed} failed", finished / len(items),
-                   elapsed / finished * (len(items) - finished))
+        items, begun = len(table.items), time.perf_counter()
+        for count, (index, outcome) in enumerate(pool.map("explain", [p for _, p in table.items]), start=1):
+            table.finish_item(index, outcome)
+            table.save()
+            failed = sum(r["status"] == "failed" for r in table.rows.values())
+            report(f"{count}/{items} item(s) explained, {failed} failed", count / items,
+                   (time.perf_counter() - begun) / count * (items - count))
     batch["finished"] = _now()
-    save()
+    table.save()
     return batch
 
 
