@@ -198,3 +198,19 @@ def test_classifier_explains_the_manifest_places(classifier_card, volume_file, t
         read_inputs(manifest, "classification")
     with pytest.raises(InputError, match="a classifier explains given places"):
         read_inputs(volume_file.parent, "classification")
+
+
+def test_folder_inputs_are_volumes_and_scan_folders_but_not_the_batch_folder(tmp_path):
+    from CTXAILib.batch.inputs import read_inputs
+
+    for name in ("b.nii.gz", "a.nrrd", "notes.txt", ".hidden.nrrd"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "series").mkdir()
+    (tmp_path / "batch").mkdir()
+    assert [s.part_id for s in read_inputs(tmp_path, "segmentation")] == ["a", "b", "batch", "series"]
+    assert [s.part_id for s in read_inputs(tmp_path, "segmentation", exclude=tmp_path / "batch")] == ["a", "b",
+                                                                                                      "series"]
+    (tmp_path / "m.json").write_text(json.dumps([{"volume": "a.nrrd", "part_id": "p"},
+                                                 {"volume": "b.nii.gz", "part_id": "p"}]))
+    with pytest.raises(InputError, match=r"m.json row 2: part ID 'p' is given twice"):
+        read_inputs(tmp_path / "m.json", "segmentation")

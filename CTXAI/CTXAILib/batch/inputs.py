@@ -82,8 +82,10 @@ def _spacing(value: Any, where: str) -> list[float] | None:
     return numbers
 
 
-def _folder(folder: Path) -> list[dict[str, Any]]:
-    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+def _folder(folder: Path, exclude: Path | None) -> list[dict[str, Any]]:
+    # A batch folder kept inside the input folder is not a scan.
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith(".")
+                     and (exclude is None or p.resolve() != exclude.resolve()))
     rows = [{"volume": p.name} for p in entries
             if p.is_dir() or any(p.name.lower().endswith(s) for s in VOLUME_SUFFIXES)]
     if not rows:
@@ -114,12 +116,13 @@ def _manifest(path: Path) -> list[dict[str, Any]]:
                      "manifest.")
 
 
-def read_inputs(inputs: str | Path, task: str) -> list[Scan]:
-    """The scans of ``inputs`` (a folder or a manifest) for a model of ``task``, in the order given."""
+def read_inputs(inputs: str | Path, task: str, exclude: str | Path | None = None) -> list[Scan]:
+    """The scans of ``inputs`` (a folder or a manifest) for a model of ``task``, in the order given; a folder's
+    entry ``exclude`` (the batch's own output folder) is left out."""
     inputs = Path(inputs)
     if not inputs.exists():
         raise InputError(f"Inputs {inputs} do not exist. Give a folder of volumes or a .csv/.json manifest.")
-    rows = _folder(inputs) if inputs.is_dir() else _manifest(inputs)
+    rows = _folder(inputs, exclude and Path(exclude)) if inputs.is_dir() else _manifest(inputs)
     base = inputs if inputs.is_dir() else inputs.parent
     scans: dict[str, Scan] = {}
     for number, row in enumerate(rows, start=1):

@@ -233,8 +233,8 @@ def run_batch(model: str | Path, inputs: str | Path, out: str | Path, policy: st
     chosen = _method_settings(list(methods), dict(settings or {}))
     check_names = resolve_checks(checks, card.task)
     rule = Policy.parse(policy, seed)
-    scans = read_inputs(inputs, card.task)
     out = Path(out)
+    scans = read_inputs(inputs, card.task, exclude=out)
     job = {"model": {"name": card.name, "sha256": loaded.sha256, "path": str(card.path)},
            "policy": rule.to_dict(), "methods": list(chosen), "settings": chosen, "checks": check_names,
            "min_voxels": int(min_voxels)}

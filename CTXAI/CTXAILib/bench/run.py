@@ -227,7 +227,7 @@ def run_bench(out: str | Path, device: str = "auto", precision: str = "fp32", re
     if cases and not patterns:
         planned, skipped = [], []
     else:
-        planned = select_cases(planned, patterns, skipped)
+        planned = select_cases(planned, patterns, skipped, BATCH_ROWS)
         skipped = [s for s in skipped if not patterns or any(p in s["row"] for p in patterns)]
     for case in planned:
         for variant in case.variants:
