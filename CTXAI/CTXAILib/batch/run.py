@@ -238,8 +238,8 @@ def run_batch(model: str | Path, inputs: str | Path, out: str | Path, policy: st
     job = {"model": {"name": card.name, "sha256": loaded.sha256, "path": str(card.path)},
            "policy": rule.to_dict(), "methods": list(chosen), "settings": chosen, "checks": check_names,
            "min_voxels": int(min_voxels)}
-    _claim(out, job)
     engine_class = get_engine(engine)
+    _claim(out, job)
     batch: dict[str, Any] = {"format": FORMAT, **job, "engine": engine, "started": _now(), "finished": None,
                              "counts": {}, "scans": [], "rows": []}
     table = _Table(out, batch, scans, rule, card.task, loaded.sha256, chosen, check_names, seed, started)
