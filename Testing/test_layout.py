@@ -22,8 +22,9 @@ ALLOWED = {
     "worker": {"errors", "engine", "checks", "records"},
     "scene": {"errors", "engine", "worker"},
     "synthetic": {"errors", "engine", "checks", "records"},
-    "bench": {"errors", "engine", "checks", "records", "synthetic"},
-    "commands": {"errors", "engine", "checks", "records", "worker", "synthetic", "bench"},
+    "batch": {"errors", "engine", "checks", "records"},
+    "bench": {"errors", "engine", "checks", "records", "synthetic", "batch"},
+    "commands": {"errors", "engine", "checks", "records", "worker", "synthetic", "batch", "bench"},
     "cli": {"errors", "commands"},
 }
 # Never imported anywhere in the package (the Slicer module's GUI layer alone uses them), and where vtk/slicer may be.

@@ -18,6 +18,7 @@ __all__ = [
     "RegionError",
     "SettingError",
     "TargetError",
+    "WorkerLost",
 ]
 
 
@@ -64,3 +65,7 @@ class SettingError(MethodError):
 
 class Cancelled(CTXAIError):
     """The run was cancelled by the caller; nothing was produced."""
+
+
+class WorkerLost(CTXAIError):
+    """A batch worker process died (killed, out of memory); what it finished is kept and a re-run resumes."""

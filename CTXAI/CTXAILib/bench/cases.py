@@ -95,8 +95,10 @@ def plan_cases(device_type: str, quick: bool = False) -> tuple[list[Case], list[
     return cases, skipped
 
 
-def select_cases(cases: list[Case], patterns: Sequence[str] | None, skipped: list[dict[str, str]]) -> list[Case]:
-    """The cases whose rows contain one of ``patterns`` (all without patterns), each with those rows only."""
+def select_cases(cases: list[Case], patterns: Sequence[str] | None, skipped: list[dict[str, str]],
+                 others: Sequence[str] = ()) -> list[Case]:
+    """The cases whose rows contain one of ``patterns`` (all without patterns), each with those rows only;
+    ``others`` are the names of rows run elsewhere, listed with the cases when a pattern matches nothing."""
     if not patterns:
         return cases
     rows = [row for case in cases for row in case.rows]
@@ -105,7 +107,7 @@ def select_cases(cases: list[Case], patterns: Sequence[str] | None, skipped: lis
         left_out = [s["row"] for s in skipped if any(p in s["row"] for p in unmatched)]
         hint = f" ({', '.join(left_out)} left out on this device: {skipped[0]['reason']})" if left_out else ""
         raise InputError(f"No benchmark case matches {', '.join(map(repr, unmatched))}{hint}. Available cases: "
-                         f"{', '.join(rows)}. Give --cases as comma-separated parts of these names.")
+                         f"{', '.join([*rows, *others])}. Give --cases as comma-separated parts of these names.")
     chosen = []
     for case in cases:
         variants = [v for v in case.variants if any(p in v["row"] for p in patterns)]

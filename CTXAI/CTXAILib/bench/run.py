@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 from ..errors import InputError
 from .cases import (BATCHES, BENCH_SEED, OCCLUSION_PATCH, QUICK_BATCHES, UNET_METHODS_CUDA, UNET_SHAPES, Case,
                     plan_cases, select_cases)
+from .batch import BATCH_ROWS, format_batch, run_batch_rows
 from .children import run_child
 
 __all__ = ["run_bench", "format_table"]
@@ -220,8 +221,14 @@ def run_bench(out: str | Path, device: str = "auto", precision: str = "fp32", re
     with autocast(resolved, precision):  # validates the precision name before any work
         pass
     planned, skipped = plan_cases(resolved.type, quick)
-    planned = select_cases(planned, cases, skipped)
-    skipped = [s for s in skipped if not cases or any(p in s["row"] for p in cases)]
+    # The batch rows run only when named: they need Ray and time whole batches.
+    batch_rows = [row for row in BATCH_ROWS if any(p in row for p in cases or [])]
+    patterns = [p for p in cases or [] if not any(p in row for row in BATCH_ROWS)]
+    if cases and not patterns:
+        planned, skipped = [], []
+    else:
+        planned = select_cases(planned, patterns, skipped, BATCH_ROWS)
+        skipped = [s for s in skipped if not patterns or any(p in s["row"] for p in patterns)]
     for case in planned:
         for variant in case.variants:
             get_method(case.method).validate(variant["settings"])  # a missing setting fails now, not after minutes
@@ -269,8 +276,10 @@ def run_bench(out: str | Path, device: str = "auto", precision: str = "fp32", re
         report = {"benchmark": "ctxai bench", "machine": machine,
                   "options": {"repeats": repeats, "quick": quick, "cases": list(cases or []), "batches": batches},
                   "phantoms": phantoms, "notes": _NOTES, "rows": list(rows.values()), "skipped_rows": skipped,
-                  "unet_scaling": scaling, "criteria": _criteria(rows, scaling, quick),
-                  "minutes": (time.perf_counter() - started) / 60}
+                  "unet_scaling": scaling, "criteria": _criteria(rows, scaling, quick) if planned else []}
+        if batch_rows:
+            report["batch"] = run_batch_rows(batch_rows, workdir, str(resolved), quick, log)
+        report["minutes"] = (time.perf_counter() - started) / 60
         write_json(report, out)
         return report
     finally:
@@ -288,7 +297,7 @@ def format_table(report: dict[str, Any]) -> str:
     """The report as a text table: one row per case, then what was skipped and the criteria."""
     header = (f"{'case':<32s} {'engine s':>9s} {'limit s':>9s} {'×limit':>7s} {'Captum s':>9s} {'×Captum':>8s} "
               f"{'MONAI s':>9s} {'×MONAI':>7s} {'peak RSS MiB':>13s}")
-    lines = [header, "-" * len(header)]
+    lines = [header, "-" * len(header)] if report["rows"] else []
     notes = []
     for row in report["rows"]:
         ratios = row["ratios"]
@@ -311,6 +320,10 @@ def format_table(report: dict[str, Any]) -> str:
                      f"×{_cell(item['tile_ratio'], 2)}), peak RSS ×{_cell(item['peak_rss_ratio'], 2)}")
     if notes:
         lines += ["", "notes:"] + notes
+    if "batch" in report:
+        lines += ([""] if lines else []) + format_batch(report["batch"])
+    if not report["criteria"]:
+        return "\n".join(lines)
     lines += ["", "criteria (measured values, unadjusted):"]
     for item in report["criteria"]:
         verdict = {True: "PASS", False: "FAIL", None: "----"}[item["pass"]]
