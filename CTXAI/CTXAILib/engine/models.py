@@ -8,7 +8,6 @@ the task is inferred from the output shape, with a warning saying what was assum
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import LayerError, ModelError
-from .files import regular_file
+from .files import regular_file, sha256_file
 from .modelcard import ModelCard
 from .networks import build_architecture
 
@@ -41,14 +40,6 @@ class LayerInfo:
     def spatial(self) -> bool:
         """True when the output is a 3-D feature map (N, C, D, H, W), the only kind a CAM can use."""
         return self.output_shape is not None and len(self.output_shape) == 5
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def find_card(weights: Path) -> Path | None:
