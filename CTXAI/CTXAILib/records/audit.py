@@ -2,8 +2,8 @@
 
 Each entry says who ran what on which input with which model, and the sha256 of every file the run wrote; it holds
 hashes, never voxels. ``prev`` is the sha256 of the previous line's bytes (the first entry's is :data:`GENESIS`), so
-a removed, inserted or reordered entry breaks the chain; ``entry_sha256`` is the digest of the entry itself, so an
-edit of the last entry, which no later line vouches for, is caught too. Appending reads the last line, writes the
+a removed, inserted or reordered entry breaks the chain; ``entry_sha256``, the line's last field, is the digest of
+the line's bytes before it, so an edit of the last entry, which no later line vouches for, is caught too. Appending reads the last line, writes the
 new one and fsyncs it inside one lock, so that concurrent writers (batch workers, a panel and a console) never
 interleave or lose an entry.
 
@@ -17,7 +17,7 @@ import getpass
 import hashlib
 import json
 import os
-import platform
+import re
 import socket
 import sys
 import time
@@ -91,8 +91,13 @@ def audit_entry(record: dict[str, Any], outputs: dict[str, str | os.PathLike]) -
     }
 
 
-def _digest(body: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+_SEALED = re.compile(rb'(\{.*),"entry_sha256":"([0-9a-f]{64})"\}', re.DOTALL)
+
+
+def _sealed_line(body: dict[str, Any]) -> bytes:
+    """The entry as one line: its JSON, then ``entry_sha256`` over exactly those bytes as the last field."""
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return text[:-1] + b',"entry_sha256":"' + hashlib.sha256(text).hexdigest().encode() + b'"}'
 
 
 def _last_line(handle) -> bytes | None:
@@ -162,8 +167,8 @@ def append_entry(log: str | os.PathLike, entry: dict[str, Any]) -> dict[str, Any
         with os.fdopen(fd, "r+b") as handle, _locked(handle):
             last = _last_line(handle)
             body = {**entry, "prev": GENESIS if last is None else hashlib.sha256(last).hexdigest()}
-            body["entry_sha256"] = _digest(body)
-            handle.write(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode() + b"\n")
+            line = _sealed_line(body)
+            handle.write(line + b"\n")
             handle.flush()
             os.fsync(handle.fileno())
     except OutputError:
@@ -171,7 +176,7 @@ def append_entry(log: str | os.PathLike, entry: dict[str, Any]) -> dict[str, Any
     except OSError as exc:
         raise OutputError(f"Could not append to audit log {log}: {exc.strerror or exc}. Make it writable or "
                           f"give another one with --audit-log (or ${LOG_ENV}).") from None
-    return body
+    return json.loads(line)
 
 
 @dataclass
@@ -209,15 +214,17 @@ def verify_log(log: str | os.PathLike) -> AuditCheck:
         if not raw.endswith(b"\n"):
             return broken("the last line is incomplete (a writer was stopped mid-line)")
         line = raw[:-1]
+        sealed = _SEALED.fullmatch(line)
+        if sealed is None:
+            return broken("the entry does not end with its 'entry_sha256': the line was edited or damaged")
+        if hashlib.sha256(sealed[1] + b"}").hexdigest().encode() != sealed[2]:
+            return broken("the entry was changed after it was written (its bytes no longer have its sha256)")
         try:
             body = json.loads(line)
         except ValueError as exc:
             return broken(f"not a JSON entry ({exc.msg} at column {exc.colno}): the line was edited or damaged")
-        if not isinstance(body, dict) or "prev" not in body or "entry_sha256" not in body:
-            return broken("not an audit entry (no 'prev' or 'entry_sha256')")
-        claimed = body.pop("entry_sha256")
-        if _digest(body) != claimed:
-            return broken("the entry was changed after it was written (its content no longer has its sha256)")
+        if not isinstance(body, dict) or "prev" not in body:
+            return broken("not an audit entry (no 'prev')")
         if body["prev"] != expected:
             return broken("'prev' is not the sha256 of the line before it: an entry before it was removed, "
                           "inserted, reordered or changed" if number > 1 else

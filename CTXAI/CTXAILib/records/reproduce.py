@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..engine.files import regular_file, sha256_file
-from ..errors import InputError
+from ..errors import InputError, MethodError
 
 __all__ = ["Reproduction", "GPU_TOLERANCE", "differences", "reproduce"]
 
@@ -98,7 +98,11 @@ def differences(record: dict[str, Any]) -> dict[str, list[str]]:
         if now.get(name) != then:
             found["versions"].append(f"{name} {then} when recorded, {now.get(name, 'not installed')} now")
     settings = record["method"]["settings"]
-    current = get_method(record["method"]["name"]).validate(settings)
+    try:
+        current = get_method(record["method"]["name"]).validate(settings)
+    except MethodError as exc:  # a setting was renamed or removed, or the method itself
+        found["settings"].append(f"the recorded method and settings are no longer accepted: {exc}")
+        current = settings
     if current != settings:
         changed = sorted(set(current) ^ set(settings) | {k for k in current if current.get(k) != settings.get(k)})
         found["settings"].append(f"method {record['method']['name']!r} now resolves its settings differently "

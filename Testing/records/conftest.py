@@ -1,0 +1,45 @@
+"""One real `ctxai explain` run shared by the audit, reproduce and report tests: a CT block with an off-centre pore,
+its ground-truth mask, the tiny U-Net in a folder of its own, and the run folder with its audit log beside it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CTXAI = shutil.which("ctxai") or str(Path(sys.executable).with_name("ctxai"))
+PORE_IJK = (10, 20, 13)  # off the centre of the 32^3 block, so that a map drawn at the centre would miss it
+ROI = "7,17,10,14,24,17"
+
+
+def ctxai(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([CTXAI, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def recorded_run(tmp_path_factory, unet_card) -> dict[str, Path]:
+    from CTXAILib import Volume, write_volume
+
+    root = tmp_path_factory.mktemp("recorded")
+    for name in ("unet.json", "unet.pt"):
+        shutil.copy(unet_card.parent / name, root / name)
+    rng = np.random.default_rng(3)
+    k, j, i = np.indices((32, 32, 32))
+    array = np.full((32, 32, 32), -1000.0, np.float32)
+    array[4:-4, 4:-4, 4:-4] = 3000.0
+    pore = (i - PORE_IJK[0]) ** 2 + (j - PORE_IJK[1]) ** 2 + (k - PORE_IJK[2]) ** 2 <= 9
+    array[pore] = 200.0
+    array += rng.normal(0, 60, array.shape).astype(np.float32)
+    geometry = dict(spacing=(0.2, 0.2, 0.2), origin=(-3.1, 2.5, 10.0))
+    write_volume(Volume(array, **geometry), root / "ct.nrrd")
+    write_volume(Volume(pore.astype(np.uint8), **geometry), root / "pore.nrrd")
+    out = ctxai("explain", "--volume", root / "ct.nrrd", "--model", root / "unet.json", "--method", "saliency",
+                "--roi", ROI, "--reference-mask", root / "pore.nrrd", "--device", "cpu", "--quiet",
+                "--out", root / "runs" / "pore")
+    assert out.returncode == 0, out.stderr
+    return {"root": root, "run": root / "runs" / "pore", "log": root / "runs" / "ctxai-audit.jsonl",
+            "model": root / "unet.pt", "volume": root / "ct.nrrd", "mask": root / "pore.nrrd"}
