@@ -155,9 +155,10 @@ def test_gui_toolkits_and_slicer_stay_out_of_the_engine_side():
 
 
 @pytest.mark.parametrize("module", ["CTXAILib.worker.client", "CTXAILib.scene.session", "CTXAILib.scene.bridge",
-                                    "CTXAILib.cli"])
+                                    "CTXAILib.records.html", "CTXAILib.cli"])
 def test_light_modules_do_not_load_torch(module):
-    """The Slicer GUI process imports the client and the scene side; ``ctxai --help`` imports the CLI."""
+    """The Slicer GUI process imports the client, the scene side and the HTML report (its Report button);
+    ``ctxai --help`` imports the CLI."""
     code = f"import sys, {module}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False", f"importing {module} loads torch"

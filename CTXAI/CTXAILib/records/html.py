@@ -25,7 +25,7 @@ from ..engine.geometry import Box, Volume, atomic_output, read_volume
 from ..errors import CTXAIError, InputError
 from .report import triplanar_picture
 
-__all__ = ["write_report", "run_page", "record_page", "render_3d_png"]
+__all__ = ["write_report", "write_record_page", "run_page", "record_page", "render_3d_png"]
 
 _CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
         "base-uri 'none'; form-action 'none'")
@@ -312,6 +312,14 @@ def _batch_page(batch_dir: Path, out: Path, reference_mask: str | Path | None) -
         f'<table id="defects"><thead><tr>{header}</tr></thead><tbody>{"".join(rows)}</tbody></table>',
     ]
     return _page(f"Batch report {batch_dir.name}", "".join(body), script=True)
+
+
+def write_record_page(record: dict[str, Any], ct: Volume, attribution: Volume, out: str | Path, *,
+                      name: str = "") -> Path:
+    """Write :func:`record_page` of a run to ``out`` (atomically); the Slicer panel's Report button."""
+    with atomic_output(out) as tmp:
+        tmp.write_text(record_page(record, ct, attribution, name=name), encoding="utf-8")
+    return Path(out)
 
 
 def write_report(source: str | Path, out: str | Path, reference_mask: str | Path | None = None) -> Path:
