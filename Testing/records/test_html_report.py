@@ -49,10 +49,11 @@ def chromium(page: Path, *mode: str) -> tuple[str, list[str]]:
     return out.stdout, [line for line in out.stderr.splitlines() if ":CONSOLE" in line]
 
 
-def probed(page: Path) -> tuple[dict[str, str], list[str]]:
+def probed(page: Path, *mode: str) -> tuple[dict[str, str], list[str]]:
+    """The probe's findings (the ``data-`` attributes it set on the body) and the console lines of ``page``."""
     copy = page.with_name(page.stem + ".probe.html")
     copy.write_text(page.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
-    dom, console = chromium(copy, "--dump-dom")
+    dom, console = chromium(copy, "--dump-dom", *mode)
     body = re.search(r"<body([^>]*)>", dom)
     assert body, dom[:500]
     return dict(re.findall(r'(data-[a-z]+)="([^"]*)"', body.group(1))), console
@@ -60,6 +61,8 @@ def probed(page: Path) -> tuple[dict[str, str], list[str]]:
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory, recorded_run):
+    from CTXAILib.records.html import write_report
+
     out = tmp_path_factory.mktemp("reports")
     done = ctxai("report", recorded_run["run"], "--out", out / "run.html")
     assert done.returncode == 0, done.stderr
@@ -80,40 +83,45 @@ def reports(tmp_path_factory, recorded_run):
         "policy": {"below": 0.9, "sample": 0.25, "seed": 1}, "methods": ["saliency"], "checks": [],
         "engine": "local", "started": "2026-12-01T10:00:00+00:00", "finished": "2026-12-01T10:01:00+00:00",
         "counts": {"items": 3, "done": 1, "failed": 1, "skipped": 1}, "rows": rows}))
-    done = ctxai("report", batch, "--out", out / "batch.html")
-    assert done.returncode == 0, done.stderr
+    write_report(batch, out / "batch.html")
     return out
 
 
-def test_the_console_detector_catches_a_script_error(tmp_path):
+@pytest.fixture(scope="module")
+def run_in_browser(reports):
+    """The run report opened once: the probe's findings, the console lines and a screenshot."""
+    attributes, console = probed(reports / "run.html", f"--screenshot={reports / 'run.png'}")
+    return attributes, console, reports / "run.png"
+
+
+def _varied(screenshot: Path) -> tuple[float, int]:
+    """The spread of a screenshot's grey levels and how many colours it has."""
+    from matplotlib.image import imread
+
+    pixels = imread(screenshot)[..., :3]
+    return float(pixels.std()), len(np.unique((pixels * 255).astype(np.uint8).reshape(-1, 3), axis=0))
+
+
+def test_the_measures_fail_on_a_blank_page_with_a_script_error(tmp_path):
     page = tmp_path / "broken.html"
-    page.write_text("<!DOCTYPE html><html><body><p>x</p><script>undefinedFunction();</script></body></html>")
-    _, console = chromium(page, "--dump-dom")
+    page.write_text("<!DOCTYPE html><html><body><script>undefinedFunction();</script></body></html>")
+    _, console = chromium(page, f"--screenshot={tmp_path / 'blank.png'}")
     assert any("undefinedFunction" in line for line in console)
+    spread, colours = _varied(tmp_path / "blank.png")
+    assert spread < 0.01 and colours < 5
 
 
-def test_the_run_report_loads_cleanly_and_its_pictures_decode(reports):
+def test_the_run_report_loads_cleanly_and_its_pictures_decode(reports, run_in_browser):
     html = (reports / "run.html").read_text(encoding="utf-8")
     assert not re.search(r"""(src|href)=["'](?!data:)""", html), "the page refers to nothing outside itself"
-    attributes, console = probed(reports / "run.html")
+    attributes, console, _ = run_in_browser
     assert console == []
     assert attributes["data-images"] == attributes["data-decoded"] == "2"  # tri-planar and 3-D rendering
 
 
-def test_a_screenshot_of_the_run_report_is_not_blank(reports, tmp_path):
-    from matplotlib.image import imread
-
-    shot = tmp_path / "shot.png"
-    _, console = chromium(reports / "run.html", f"--screenshot={shot}")
-    assert console == []
-    pixels = imread(shot)[..., :3]
-    colours = np.unique((pixels * 255).astype(np.uint8).reshape(-1, 3), axis=0)
-    assert pixels.std() > 0.05 and len(colours) > 200, (pixels.std(), len(colours))
-    blank = tmp_path / "blank.html"  # the control: an empty page fails the same measure
-    blank.write_text("<!DOCTYPE html><html><body></body></html>")
-    _, _ = chromium(blank, f"--screenshot={tmp_path / 'blank.png'}")
-    empty = imread(tmp_path / "blank.png")[..., :3]
-    assert empty.std() < 0.01
+def test_a_screenshot_of_the_run_report_is_not_blank(run_in_browser):
+    spread, colours = _varied(run_in_browser[2])
+    assert spread > 0.05 and colours > 200, (spread, colours)
 
 
 def _heat_centres(page: str) -> tuple[list[tuple[float, float]], list[int]]:
@@ -170,7 +178,5 @@ def test_the_batch_report_sorts_and_links_its_runs(reports):
     attributes, console = probed(reports / "batch.html")
     assert console == []
     assert attributes["data-sorted"] == "0.31|0.62|0.97"
-    run_page = reports / links[0]
-    assert '<a href="../batch.html">batch report</a>' in run_page.read_text(encoding="utf-8")
-    attributes, console = probed(run_page)
-    assert console == [] and attributes["data-images"] == attributes["data-decoded"] == "2"
+    run_page = (reports / links[0]).read_text(encoding="utf-8")
+    assert '<a href="../batch.html">batch report</a>' in run_page and 'id="triplanar"' in run_page
