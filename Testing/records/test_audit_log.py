@@ -15,7 +15,7 @@ import pytest
 from CTXAILib.engine.files import sha256_file
 from CTXAILib.records.audit import GENESIS, append_entry, audit_entry, log_path, verify_log
 
-from conftest import ctxai
+from records_testing import ctxai
 
 # A writer process: waits for the start file, then appends N entries (the lock replaced by nothing when asked).
 WRITER = """

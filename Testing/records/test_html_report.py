@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import PORE_IJK, ctxai
+from records_testing import PORE_IJK, ctxai
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Appended to a copy of a page: once it has loaded, say in the DOM whether every picture decoded, and sort the

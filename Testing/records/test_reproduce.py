@@ -13,7 +13,7 @@ import torch
 from CTXAILib import read_volume
 from CTXAILib.records.reproduce import Reproduction, _compare, differences
 
-from conftest import ctxai
+from records_testing import ctxai
 
 
 def test_the_record_holds_what_a_rerun_needs(recorded_run):

@@ -295,7 +295,7 @@ def _batch_page(batch_dir: Path, out: Path, reference_mask: str | Path | None) -
             _cell(row.get("max_confidence"), _e(confidence["max_confidence"])),
             _cell(row.get("selected_by")), _cell(row.get("method")), _cell(row.get("status")),
             _cell(row.get("verdict")), _cell(checks), _cell(row.get("error") or note), _cell(row.get("seconds")),
-            _cell(row.get("run_dir"), link or _e(note and "-"))]) + "</tr>")
+            _cell(row.get("run_dir"), link or "-")]) + "</tr>")
     counts = batch.get("counts", {})
     model = batch.get("model", {})
     header = "".join(f'<th class="sort">{_e(c)}</th>' for c in columns)
