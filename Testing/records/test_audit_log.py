@@ -133,3 +133,13 @@ def test_two_processes_appending_at_once_lose_no_entry(tmp_path):
         assert sorted(e["n"] for e in entries if e["writer"] == tag) == list(range(500))
     # The control: the same race without the lock breaks the chain (two entries chained to one predecessor).
     assert not verify_log(_race(tmp_path, 200, unlocked=True)).intact
+
+
+def test_an_unwritable_log_is_refused_before_computing(tmp_path, recorded_run):
+    # Integrated gradients with 100000 steps would take minutes here: refused after computing, it would time out.
+    out = ctxai("explain", "--volume", recorded_run["volume"], "--model", recorded_run["root"] / "unet.json",
+                "--method", "integrated_gradients", "--set", "steps=100000", "--device", "cpu", "--quiet",
+                "--out", tmp_path / "run", "--audit-log", "/sys/ctxai-audit.jsonl", timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.splitlines()[-1].startswith("error: Audit log /sys/ctxai-audit.jsonl cannot be written")
+    assert not (tmp_path / "run").exists()

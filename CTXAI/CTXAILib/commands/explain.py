@@ -84,6 +84,7 @@ def _cmd_explain(args) -> int:
     from ..engine.geometry import read_volume
     from ..engine.models import load_model
     from ..engine.targets import Target, parse_region
+    from ..records.audit import claim_log, log_path
     from ..records.outputs import claim_output_folder, write_explanation
 
     started = time.time()
@@ -113,6 +114,7 @@ def _cmd_explain(args) -> int:
     claim_output_folder(args.out, [args.volume, args.mask, args.reference_mask, args.model, model.card.path,
                                    model.card.weights_path],
                         args.overwrite, started)
+    claim_log(log_path(args.audit_log, args.out))
     explainer = Explainer(model, device=args.device, precision=args.precision, memory_mb=args.memory_mb)
     bar = None if args.quiet else TerminalProgress()
     try:

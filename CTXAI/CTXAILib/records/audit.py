@@ -28,7 +28,7 @@ from typing import Any, Iterator
 from ..engine.files import regular_file, sha256_file
 from ..errors import InputError, OutputError
 
-__all__ = ["GENESIS", "LOG_NAME", "LOG_ENV", "AuditCheck", "audit_entry", "append_entry", "log_path",
+__all__ = ["GENESIS", "LOG_NAME", "LOG_ENV", "AuditCheck", "audit_entry", "append_entry", "claim_log", "log_path",
            "user_log_path", "verify_log"]
 
 GENESIS = "0" * 64
@@ -157,14 +157,30 @@ class _locked:
             fcntl.flock(self.handle.fileno(), fcntl.LOCK_UN)
 
 
+def _open(log: Path):
+    log.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log, os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0), 0o644)
+    return os.fdopen(fd, "r+b")
+
+
+def claim_log(log: str | os.PathLike) -> Path:
+    """Check before computing that a run can append to ``log`` (created empty when missing); returns it. Raises
+    :class:`OutputError` otherwise, so that a long run never ends unlogged."""
+    log = Path(log)
+    try:
+        _open(log).close()
+    except OSError as exc:
+        raise OutputError(f"Audit log {log} cannot be written ({exc.strerror or exc}). Make it writable or give "
+                          f"another one with --audit-log (or ${LOG_ENV}).") from None
+    return log
+
+
 def append_entry(log: str | os.PathLike, entry: dict[str, Any]) -> dict[str, Any]:
     """Append ``entry`` to the log at ``log`` (created with its folder when missing); returns it as written, with
     ``prev`` and ``entry_sha256``. Raises :class:`OutputError` when the log cannot be written."""
     log = Path(log)
     try:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(log, os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0), 0o644)
-        with os.fdopen(fd, "r+b") as handle, _locked(handle):
+        with _open(log) as handle, _locked(handle):
             last = _last_line(handle)
             body = {**entry, "prev": GENESIS if last is None else hashlib.sha256(last).hexdigest()}
             line = _sealed_line(body)
