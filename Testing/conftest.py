@@ -12,6 +12,12 @@ from ctxai_testing import ct_volume, write_model
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_user_data(tmp_path_factory):
+    """Runs through the worker append to the per-user audit log: in tests, a session folder's, not the tester's."""
+    os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("user-data"))
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")

@@ -18,6 +18,17 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$venv/bin/python" -m pip install --disable-pip-version-check -q -c "$repo/Utilities/constraints.txt" -e "$repo[test]"
   echo "$want" > "$stamp"
 fi
+# The HTML report tests open the reports in a real headless Chromium (Debian's package). Installed once when missing
+# and this shell may (root with apt-get); otherwise those tests skip and say why.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[bootstrap] installing chromium for the HTML report tests (first run only)" >&2
+    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; } \
+      >/dev/null 2>&1 || echo "[bootstrap] could not install chromium: the HTML report tests will skip" >&2
+  else
+    echo "[bootstrap] chromium is missing (install it: apt-get install chromium): the HTML report tests will skip" >&2
+  fi
+fi
 export CTXAI_PY="$venv/bin/python"
 export PATH="$venv/bin:$PATH"
 # Headless machines: VTK renders offscreen through EGL, matplotlib without a display.

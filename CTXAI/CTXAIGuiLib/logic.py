@@ -145,7 +145,8 @@ class CTXAILogic(ScriptedLoadableModuleLogic):
 
     def explain(self, inputVolume, modelPath=None, method="gradcam", targetClass=None, roi=None, point=None,
                 layer=None, settings=None, device="auto", blocking=True, progressCallback=None, *,
-                contrastClass=None, score="logit", component=True, precision="fp32", seed=0, checks=None, **display):
+                contrastClass=None, score="logit", component=True, precision="fp32", seed=0, checks=None, auditLog=None,
+                **display):
         """Explain ``targetClass`` of a model on a volume node.
 
         :param inputVolume: the CT volume node; results get exactly its geometry.
@@ -165,6 +166,8 @@ class CTXAILogic(ScriptedLoadableModuleLogic):
             e.g. ``progressCallback=lambda e: print(f"{e.fraction:.0%}")``.
         :param checks: the checks of the map (names of ``ctxai checks``, or ``["all"]``); None: the cheap default
             (spill, target sensitivity). The run's ``explanation["checks"]`` and ``["verdict"]`` hold the results.
+        :param auditLog: the audit log file the run is appended to; None: ``$CTXAI_AUDIT_LOG``, else the per-user
+            log (``~/.local/share/CTXAI/audit.jsonl`` on Linux; check it with ``ctxai audit verify``).
         :param display: output options ``opacity`` (0-1), ``topPercent`` (label map, 0.1-100), ``colormap``
             (auto, heat, diverging), ``render3d`` (bool).
         :raises CTXAILib.errors.CTXAIError: what went wrong and how to fix it; a failed run adds no node.
@@ -190,6 +193,7 @@ class CTXAILogic(ScriptedLoadableModuleLogic):
             roi=roi.GetID() if roi is not None else None, point=point.GetID() if point is not None else None,
             component=component, layer=layer or None, settings=dict(settings or {}), device=device,
             precision=precision, seed=seed, **({} if checks is None else {"checks": tuple(checks)}),
+            audit_log=str(auditLog) if auditLog else None,
             **{DISPLAY_OPTIONS[name]: value for name, value in display.items()})
         if not blocking:
             return self.session.start(request)
@@ -212,6 +216,20 @@ class CTXAILogic(ScriptedLoadableModuleLogic):
     def runName(self, run) -> str:
         shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
         return shNode.GetItemName(run.folder)
+
+    def writeReport(self, run, path) -> Path:
+        """Write a self-contained HTML report of a run (tri-planar and 3-D pictures, prediction, settings, checks,
+        provenance) to ``path``; made in this process from the run's nodes, without torch.
+
+        >>> logic.writeReport(logic.runs()[-1], "/tmp/pore-report.html")
+        """
+        from CTXAILib.records.html import write_record_page
+        from CTXAILib.scene import bridge
+
+        ct = bridge.volume_from_node(slicer.mrmlScene.GetNodeByID(run.input))
+        attribution = bridge.volume_from_node(slicer.mrmlScene.GetNodeByID(run.attribution))
+        record = run.explanation.get("record") or run.explanation
+        return write_record_page(record, ct, attribution, path, name=self.runName(run))
 
     def showRun(self, run):
         """Show a run in the Red, Green and Yellow views (input, attribution overlay, label map)."""

@@ -103,6 +103,8 @@ class CTXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self._onNodeAddedOrRemoved)
 
         self.ui.explainButton.connect("clicked(bool)", self.onExplainButton)
+        self.ui.reportButton.connect("clicked(bool)", self.onReportButton)
+        self.ui.reportButton.enabled = False  # until a run is selected
         self.ui.placeRoiButton.connect("clicked(bool)", lambda checked: self._runWithErrorDisplay(
             _("Could not start placing an ROI box."), lambda: self._placeMarkup(Where.ROI)))
         self.ui.placePointButton.connect("clicked(bool)", lambda checked: self._runWithErrorDisplay(
@@ -134,6 +136,7 @@ class CTXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._abandonWork()
         self._runs = {}
         self._shownRun = None
+        self.ui.reportButton.enabled = False
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
@@ -486,6 +489,7 @@ class CTXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._shownRun = run
             self.ui.resultTableView.setMRMLTableNode(table if run is not None else None)
             self.ui.verdictLabel.text = verdictHtml(run.explanation) if run is not None else ""
+            self.ui.reportButton.enabled = run is not None
             if run is None:
                 return
             self.logic.showRun(run)
@@ -498,6 +502,16 @@ class CTXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if run is not None:
             self._runWithErrorDisplay(_("Could not update the selected run."), lambda: self._applyOutputOptions(run))
+
+    def onReportButton(self):
+        run = self._shownRun
+        if run is None:
+            return
+        path = qt.QFileDialog.getSaveFileName(self.parent, _("Save the run's report"),
+                                              f"{self.logic.runName(run)}.html", _("HTML report (*.html)"))
+        if path:
+            self._runWithErrorDisplay(_("Could not write the report."), lambda: self._setStatus(
+                _("Report written to {path}").format(path=self.logic.writeReport(run, path))))
 
     def _applyOutputOptions(self, run):
         parameterNode = self._parameterNode

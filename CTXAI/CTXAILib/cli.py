@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Sequence
 
-from .commands import batch, bench, card, demo, explain, profile, train
+from .commands import audit, batch, bench, card, demo, explain, profile, report, train, verify
 from .errors import Cancelled, CTXAIError
 
 __all__ = ["main", "build_parser"]
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctxai", description="Explain 3-D deep-learning models on CT volumes.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    for module in (explain, profile, batch, demo, train, bench, card):
+    for module in (explain, profile, batch, demo, train, bench, card, audit, verify, report):
         module.add_parser(sub)
     return parser
 

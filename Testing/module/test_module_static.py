@@ -44,7 +44,8 @@ OPTIONAL_IMPORTS = {"monai", "ray"}  # ray: `ctxai batch --engine ray` only, nev
 IMPORT_TO_DISTRIBUTION = {"skimage": "scikit-image", "sklearn": "scikit-learn"}
 # The only CTXAILib modules the Slicer process may import (none of them imports torch), as paths below CTXAILib;
 # the phantom generator and the volume class (torch-free: the bridge uses it) only in the self-test.
-GUI_ENGINE_MODULES = {"errors", "scene.bridge", "scene.session", "synthetic.evaluation", "worker.client"}
+GUI_ENGINE_MODULES = {"errors", "records.html", "scene.bridge", "scene.session", "synthetic.evaluation",
+                      "worker.client"}
 TEST_ENGINE_MODULES = {"synthetic.phantom", "engine.geometry"}
 # The classes looked up by name in the module file's namespace: CTXAI and CTXAIWidget by Slicer's C++
 # (qSlicerScriptedLoadableModule[Widget]::setPythonSource, also on Reload), CTXAITest by

@@ -35,7 +35,7 @@ def matrix(node):
     return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
-def test_explain_adds_a_shown_run(session, slicer_app, volume, unet_card):
+def test_explain_adds_a_shown_run(session, slicer_app, volume, unet_card, tmp_path):
     scene = slicer_app.scene
     ct = add_volume_node(scene, volume)
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
@@ -53,6 +53,13 @@ def test_explain_adds_a_shown_run(session, slicer_app, volume, unet_card):
     assert run.confidence is not None and run.explanation["target"]["region"].startswith("IJK box")
     assert run.explanation["request"]["where"] == "roi"
     assert not list(session.client.exchange.glob("*.npy")), "exchange files were left behind"
+    # The panel's Report button: the page is made in this process from the run's nodes and the worker's record.
+    from CTXAILib.records.html import write_record_page
+    from CTXAILib.scene.bridge import volume_from_node
+
+    page = write_record_page(run.explanation["record"], volume_from_node(ct), volume_from_node(attribution),
+                             tmp_path / "run.html", name="run").read_text(encoding="utf-8")
+    assert run.explanation["record"]["input"]["sha256"] in page and 'id="triplanar"' in page
 
 
 def test_point_picks_the_predicted_component(session, slicer_app, volume, unet_card):

@@ -3,6 +3,7 @@ polls, cooperative and forced cancel, crash recovery, a warm model, clean errors
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -59,6 +60,28 @@ def test_progress_result_and_non_blocking_polls(client, classifier_card, volume)
     attribution = volume_from_message(final["result"]["attribution"])
     assert attribution.same_geometry(volume) and np.isfinite(attribution.array).all()
     assert final["result"]["record"]["method"]["name"] == "integrated_gradients"
+
+
+def test_worker_runs_are_appended_to_the_given_or_the_per_user_audit_log(client, classifier_card, volume, tmp_path):
+    from CTXAILib.engine.files import sha256_file
+    from CTXAILib.records.audit import user_log_path, verify_log
+
+    given = tmp_path / "panel-audit.jsonl"
+    before = user_log_path().read_bytes().count(b"\n") if user_log_path().exists() else 0
+    finals = []
+    for extra in ({"audit_log": str(given)}, {}):
+        final, _, _ = wait_for(client, client.submit("explain", **explain_request(client, classifier_card, volume,
+                                                                                  "saliency", **extra)))
+        assert final["type"] == "result", final
+        finals.append(final)
+    check = verify_log(given)
+    assert check.intact and check.entries == 1 and check.files_checked == 1
+    entry = json.loads(given.read_bytes().splitlines()[-1])
+    assert entry["method"] == "saliency" and entry["input"]["sha256"] == finals[0]["result"]["record"]["input"][
+        "sha256"]
+    assert entry["outputs"]["attribution"]["sha256"] == sha256_file(finals[0]["result"]["attribution"]["path"])
+    assert str(user_log_path()).startswith(os.environ["XDG_DATA_HOME"])  # the tests' own log, not the tester's
+    assert user_log_path().read_bytes().count(b"\n") == before + 1 and verify_log(user_log_path()).intact
 
 
 def test_second_run_reuses_the_warm_model(client, classifier_card, volume):

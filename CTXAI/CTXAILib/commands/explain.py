@@ -114,6 +114,7 @@ def _cmd_explain(args) -> int:
     from ..engine.geometry import read_volume
     from ..engine.models import load_model
     from ..engine.targets import Target, parse_region
+    from ..records.audit import claim_log, log_path
     from ..records.outputs import claim_output_folder, write_explanation
 
     started = time.time()
@@ -143,6 +144,7 @@ def _cmd_explain(args) -> int:
     claim_output_folder(args.out, [args.volume, args.mask, args.reference_mask, args.model, model.card.path,
                                    model.card.weights_path],
                         args.overwrite, started)
+    claim_log(log_path(args.audit_log, args.out))
     explainer = Explainer(model, device=args.device, precision=args.precision, memory_mb=args.memory_mb)
     bar = None if args.quiet else TerminalProgress()
     try:
@@ -153,7 +155,10 @@ def _cmd_explain(args) -> int:
     finally:
         if bar is not None:
             bar.close()
-    written = write_explanation(result, volume, model, args.out, extra=verified)
+    written = write_explanation(result, volume, model, args.out, extra=verified,
+                                sources={"volume": args.volume, "model": args.model, "mask": args.mask,
+                                         "reference_mask": args.reference_mask},
+                                audit_log=args.audit_log)
     prediction = result.prediction
     summary = (f"predicted {prediction['predicted_class']} (p={prediction['probabilities'][prediction['predicted_class']]:.3f})"
                if prediction["task"] == "classification" else
@@ -238,5 +243,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder (a run owns it: see --overwrite)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the files of the run that wrote --out before, as a whole")
+    p.add_argument("--audit-log", metavar="PATH",
+                   help="audit log to append the run to (default: $CTXAI_AUDIT_LOG, else ctxai-audit.jsonl in the "
+                        "--out folder's parent)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_explain)

@@ -134,6 +134,10 @@ class Explanation:
     normalization: dict[str, Any] = field(default_factory=dict)  # as applied: the volume's statistics included
     fixed_target: Target | None = None  # the target as resolved: re-explains the same voxels on a changed model
     runner_up: str | None = None        # classification: the second most probable class of the explained patch
+    seed: int = 0
+    output: str = "full"
+    # How the run was tiled and batched (overlap, halo, min_tile_share, memory_mb): what re-running it needs.
+    window: dict[str, Any] = field(default_factory=dict)
 
     @property
     def signed(self) -> bool:
@@ -571,12 +575,14 @@ class Explainer:
             attribution=attribution, method=spec.name, settings=values, sign=spec.sign, family=spec.family,
             target={"class": card.class_names[resolved.class_index],
                     "contrast": None if resolved.contrast_index is None else card.class_names[resolved.contrast_index],
-                    "score": score, "region": target.region.describe(),
+                    "score": score, "region": target.region.describe(), "region_spec": target.region.spec(),
                     "box": [list(resolved.box.lo), list(resolved.box.hi)]},
             layer=layer_name, prediction=prediction, extent=extent, confidence=confidence, timings=timings,
             device=str(self.device), precision=self.precision, input_sha256=prepared.sha256, warnings=warnings,
             quality=scores, normalization=_applied(card.normalization, prepared.normalization),
-            fixed_target=resolved.fixed(), runner_up=runner_up)
+            fixed_target=resolved.fixed(), runner_up=runner_up, seed=seed, output=output,
+            window={"overlap": self.overlap, "halo": self.halo, "min_tile_share": self.min_tile_share,
+                    "memory_mb": self.budget.bytes / 2 ** 20})
 
     def class_mask(self, volume: Volume, class_index: int) -> np.ndarray:
         """A segmentation model's predicted mask (k, j, i) of one class over the whole volume (cached prediction)."""

@@ -3,13 +3,14 @@ hang a reader (``/dev/zero`` never ends) or fail deep inside it with a traceback
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from pathlib import Path
 
 from ..errors import CTXAIError
 
-__all__ = ["regular_file"]
+__all__ = ["regular_file", "sha256_file"]
 
 
 def regular_file(path: str | os.PathLike, what: str, error: type[CTXAIError]) -> Path:
@@ -33,3 +34,12 @@ def regular_file(path: str | os.PathLike, what: str, error: type[CTXAIError]) ->
             "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else
             "not a plain file")
     raise error(f"{what} {path} is {kind}, not a regular file. Give the path of the file itself.")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks (model weights and run outputs run to gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

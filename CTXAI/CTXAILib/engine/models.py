@@ -9,7 +9,6 @@ through its eager twin (:mod:`.scripted`) when one reproduces it, so that layer 
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from torch import nn
 
 from ..errors import LayerError, ModelError
 from .bundles import read_bundle
-from .files import regular_file
+from .files import regular_file, sha256_file
 from .modelcard import ModelCard
 from .networks import build_architecture
 from .scripted import EagerTwin, eager_twin
@@ -50,14 +49,6 @@ class LayerInfo:
 def _type_name(module: nn.Module) -> str:
     # The modules of a TorchScript model's eager twin that stand for the network's own classes carry their names.
     return getattr(module, "original_name", type(module).__name__)
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def find_card(weights: Path) -> Path | None:

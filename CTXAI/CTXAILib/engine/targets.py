@@ -16,6 +16,7 @@ Regions (segmentation models; for classifiers the region only places the patch):
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -44,6 +45,11 @@ class Region:
     def describe(self) -> str:
         raise NotImplementedError
 
+    def spec(self) -> dict:
+        """The region as JSON (the worker protocol's ``region`` object): a run record keeps it to re-run the run.
+        A mask is named by its voxel count and digest; the mask file's path is the caller's to record."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class WholeVolume(Region):
@@ -52,6 +58,9 @@ class WholeVolume(Region):
 
     def describe(self) -> str:
         return "whole volume"
+
+    def spec(self) -> dict:
+        return {"type": "whole"}
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,9 @@ class BoxRegion(Region):
 
     def describe(self) -> str:
         return f"IJK box {self.box.lo}-{self.box.hi}"
+
+    def spec(self) -> dict:
+        return {"type": "box", "lo": list(self.box.lo), "hi": list(self.box.hi)}
 
 
 def _check_voxel(ijk: Sequence[int], shape: tuple[int, int, int], what: str) -> tuple[int, int, int]:
@@ -86,6 +98,9 @@ class VoxelRegion(Region):
     def describe(self) -> str:
         return f"voxel {tuple(self.ijk)}"
 
+    def spec(self) -> dict:
+        return {"type": "voxel", "ijk": [int(v) for v in self.ijk]}
+
 
 @dataclass(frozen=True, eq=False)
 class MaskRegion(Region):
@@ -104,6 +119,11 @@ class MaskRegion(Region):
 
     def describe(self) -> str:
         return f"mask of {int(np.count_nonzero(self.mask))} voxels"
+
+    def spec(self) -> dict:
+        mask = np.ascontiguousarray(self.mask, dtype=bool)
+        return {"type": "mask", "voxels": int(np.count_nonzero(mask)),
+                "sha256": hashlib.sha256(np.packbits(mask).tobytes() + str(mask.shape).encode()).hexdigest()}
 
 
 @dataclass(frozen=True, eq=False)
@@ -124,6 +144,10 @@ class FixedRegion(Region):
     def describe(self) -> str:
         voxels = int(np.prod(self.box.shape)) if self.mask is None else int(np.count_nonzero(self.mask))
         return f"region of {voxels} voxels in box {list(self.box.lo)}-{list(self.box.hi)}"
+
+    def spec(self) -> dict:
+        return {"type": "fixed", "lo": list(self.box.lo), "hi": list(self.box.hi),
+                "mask_voxels": None if self.mask is None else int(np.count_nonzero(self.mask))}
 
 
 @dataclass(frozen=True)
@@ -146,6 +170,9 @@ class ComponentRegion(Region):
 
     def describe(self) -> str:
         return f"predicted component at voxel {tuple(self.ijk)}"
+
+    def spec(self) -> dict:
+        return {"type": "component", "ijk": [int(v) for v in self.ijk]}
 
 
 def parse_region(roi: Sequence[int] | None = None, point: Sequence[int] | None = None,

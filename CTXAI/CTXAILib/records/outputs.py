@@ -14,6 +14,7 @@ from typing import Iterable
 
 from ..engine.geometry import write_volume
 from ..errors import OutputError
+from .audit import append_entry, audit_entry, log_path
 from .record import run_record, write_json
 
 __all__ = ["OUTPUT_NAMES", "claim_output_folder", "write_explanation"]
@@ -77,11 +78,15 @@ def claim_output_folder(out_dir: str | Path, inputs: Iterable[str | Path | None]
     return out_dir
 
 
-def write_explanation(result, volume, model, out_dir: str | Path, extra: dict | None = None) -> dict[str, Path]:
-    """Write ``attribution.nrrd``, ``confidence.nrrd`` (segmentation) and ``run.json`` into ``out_dir``.
+def write_explanation(result, volume, model, out_dir: str | Path, extra: dict | None = None, *,
+                      sources: dict[str, str | Path | None] | None = None,
+                      audit_log: str | Path | None = None) -> dict[str, Path]:
+    """Write ``attribution.nrrd``, ``confidence.nrrd`` (segmentation) and ``run.json`` into ``out_dir``, and append
+    the run to the audit log (``audit_log``, else :func:`~CTXAILib.records.audit.log_path` beside ``out_dir``).
 
-    Files are written to a private staging folder first and moved in only when all succeeded; the previous run's
-    files leave the folder in the same step. A write failure raises :class:`OutputError` and changes nothing.
+    ``sources`` are the files the run read, recorded with their hashes (see :func:`~.record.run_record`). Files
+    are written to a private staging folder first and moved in only when all succeeded; the previous run's files
+    leave the folder in the same step. A write failure raises :class:`OutputError` and changes nothing.
     """
     out_dir = Path(out_dir)
     try:
@@ -96,18 +101,28 @@ def write_explanation(result, volume, model, out_dir: str | Path, extra: dict | 
         if result.confidence is not None:
             names["confidence"] = "confidence.nrrd"
             write_volume(result.confidence, staging / names["confidence"])
-        record = run_record(result, volume, model, outputs=dict(names))
+        record = run_record(result, volume, model, outputs=dict(names), sources=sources)
         record.update(extra or {})
         write_json(record, staging / "run.json")
         names["record"] = "run.json"
+        log = log_path(audit_log, out_dir)
+        # Hashed in staging: the entry is ready before the run's files replace the previous run's.
+        entry = audit_entry(record, {key: staging / name for key, name in names.items()})
         _swap_in(staging, out_dir, list(names.values()))
-        return {key: out_dir / name for key, name in names.items()}
     except (OSError, RuntimeError) as exc:  # SimpleITK reports a full disk as RuntimeError
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1]
         raise OutputError(f"Could not write the outputs into {out_dir}: {reason}. Nothing was changed there; free "
                           "some space or choose another --out folder.") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    written = {key: out_dir / name for key, name in names.items()}
+    for key, path in written.items():
+        entry["outputs"][key]["path"] = str(path.absolute())
+    try:
+        append_entry(log, entry)
+    except OutputError as exc:
+        raise OutputError(f"The run's files are in {out_dir}, but it is not in the audit log: {exc}") from None
+    return written
 
 
 def _swap_in(staging: Path, out_dir: Path, names: list[str]) -> None:

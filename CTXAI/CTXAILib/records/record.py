@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.explain import Explanation
+from ..engine.files import sha256_file
 from ..engine.geometry import Volume, atomic_output
 from ..engine.models import LoadedModel
 
@@ -32,9 +33,13 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def run_record(result: Explanation, volume: Volume, model: LoadedModel,
-               outputs: dict[str, str] | None = None) -> dict[str, Any]:
-    """The JSON-ready record of one run."""
+def run_record(result: Explanation, volume: Volume, model: LoadedModel, outputs: dict[str, str] | None = None,
+               sources: dict[str, str | Path | None] | None = None) -> dict[str, Any]:
+    """The JSON-ready record of one run: everything ``ctxai verify`` needs to run it again.
+
+    ``sources`` names the files the run read (``volume``, ``model``, ``mask``, ``reference_mask``: path or None);
+    each is recorded with its absolute path and sha256, so that a re-run can tell which of them changed.
+    """
     import torch
 
     device = result.device
@@ -47,13 +52,19 @@ def run_record(result: Explanation, volume: Volume, model: LoadedModel,
                   "ijk_to_ras": volume.ijk_to_ras.tolist(), "normalization": result.normalization,
                   **({"source": volume.source} if volume.source else {})},
         "model": {"name": model.card.name, "sha256": model.sha256, "card": model.card.to_dict(),
-                  "torchscript": model.is_torchscript, "layer_access": model.layer_access()},
+                  "torchscript": model.is_torchscript, "layer_access": model.layer_access(),
+                  "card_path": str(model.card.path) if model.card.path else None},
+        "sources": {name: {"path": str(Path(path).absolute()), "sha256": sha256_file(path)}
+                    for name, path in (sources or {}).items() if path},
         "method": {"name": result.method, "family": result.family, "sign": result.sign, "signed": result.signed,
                    "settings": result.settings, "layer": result.layer},
         "target": result.target,
         "prediction": result.prediction,
         "quality": result.quality,
         "extent_ijk": {"lo": list(result.extent.lo), "hi": list(result.extent.hi)},
+        "seed": result.seed,
+        "output": result.output,
+        "window": result.window,
         "device": device,
         "precision": result.precision,
         "versions": library_versions(),

@@ -13,7 +13,7 @@ import numpy as np
 from ..engine.geometry import Volume, atomic_output
 from ..engine.signs import SIGNS
 
-__all__ = ["triplanar_png"]
+__all__ = ["triplanar_png", "triplanar_picture"]
 
 
 def _planes(array: np.ndarray, ijk: Sequence[int]) -> list[np.ndarray]:
@@ -52,6 +52,21 @@ def triplanar_png(ct: Volume, attribution: Volume, path: str | Path, centre_ijk:
     """Axial, coronal and sagittal views through ``centre_ijk``: CT in grey, the attribution on top in the colours
     of its method's ``sign`` (a key of :data:`~CTXAILib.engine.signs.SIGNS`), and ``outline`` (a boolean
     ground-truth mask) as a green contour."""
+    png, _ = triplanar_picture(ct, attribution, centre_ijk, sign=sign, title=title, outline=outline, window=window,
+                               field_voxels=field_voxels)
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(png)
+    return Path(path)
+
+
+def triplanar_picture(ct: Volume, attribution: Volume, centre_ijk: Sequence[int], *, sign: str, title: str,
+                      outline: np.ndarray | None = None, window: tuple[float, float] = (-1000.0, 4000.0),
+                      field_voxels: int = 64) -> tuple[bytes, dict]:
+    """The picture of :func:`triplanar_png` as PNG bytes, and its layout: the PNG's ``size`` [width, height] in
+    pixels and per panel (axial, coronal, sagittal) its ``bbox_px`` [x0, y0, x1, y1] (from the top-left corner) and
+    the voxel ``rows`` and ``columns`` [first, end) it shows: where a voxel lands in the picture."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,10 +83,12 @@ def triplanar_png(ct: Volume, attribution: Volume, path: str | Path, centre_ijk:
     aspects = (spacing[1] / spacing[0], spacing[2] / spacing[0], spacing[2] / spacing[1])
     centres_2d = ((centre[1], centre[0]), (centre[2], centre[0]), (centre[2], centre[1]))
     masks = _planes(outline, centre) if outline is not None else [None] * 3
+    views = []
     for axis, image, heat, mask, name, aspect, c2 in zip(axes, _planes(ct.array, centre),
                                                          _planes(attribution.array, centre), masks, names, aspects,
                                                          centres_2d):
         view = _window(image.shape, c2, field_voxels)
+        views.append(view)
         axis.imshow(image[view], cmap="gray", vmin=window[0], vmax=window[1], aspect=aspect, interpolation="nearest")
         axis.imshow(_heat_rgba(heat[view], meaning.signed, top), aspect=aspect, interpolation="nearest")
         if mask is not None and mask[view].any():
@@ -85,7 +102,14 @@ def triplanar_png(ct: Volume, attribution: Volume, path: str | Path, centre_ijk:
     figure.text(0.5, 0.02, f"grey: CT; colour: {meaning.legend}; green: ground-truth defect outline", ha="center",
                 fontsize=8)
     figure.tight_layout(rect=(0, 0.05, 1, 0.95))
-    with atomic_output(path) as tmp:
-        figure.savefig(tmp, dpi=90, format="png")
+    buffer = io.BytesIO()
+    dpi = 90
+    figure.savefig(buffer, dpi=dpi, format="png")
+    width, height = (int(round(v * dpi)) for v in figure.get_size_inches())
+    panels = []
+    for axis, name, view in zip(axes, ("axial", "coronal", "sagittal"), views):
+        x0, y0, x1, y1 = (float(v) * dpi for v in axis.get_position().extents * np.tile(figure.get_size_inches(), 2))
+        panels.append({"plane": name, "bbox_px": [x0, height - y1, x1, height - y0],
+                       "rows": [view[0].start, view[0].stop], "columns": [view[1].start, view[1].stop]})
     plt.close(figure)
-    return Path(path)
+    return buffer.getvalue(), {"size": [width, height], "panels": panels}

@@ -49,6 +49,8 @@ class ExplainRequest:
     # Checks of the map, run by the worker after it: by default the cheap ones (CTXAILib.checks.runner.CHEAP_CHECKS,
     # at most one more run of the method); "all" or any names of `ctxai checks`.
     checks: tuple[str, ...] = ("spill", "target_sensitivity")
+    # The audit log the run is appended to; None: $CTXAI_AUDIT_LOG, else the per-user log (CTXAILib.records.audit).
+    audit_log: str | None = None
 
 
 @dataclass
@@ -147,7 +149,7 @@ class ExplainSession:
                               "score": request.score, "region": region},
                    "layer": request.layer or None, "settings": request.settings, "device": request.device,
                    "precision": request.precision, "seed": request.seed, "checks": list(request.checks),
-                   "out_dir": str(self.client.exchange)}
+                   "audit_log": request.audit_log, "out_dir": str(self.client.exchange)}
         try:
             job = self.client.submit("explain", **payload)
         except Exception:
@@ -199,7 +201,8 @@ class ExplainSession:
         attribution = volume_from_message(result["attribution"])
         confidence = volume_from_message(result["confidence"]) if result.get("confidence") else None
         return bridge.add_run(self.scene, self.scene.GetNodeByID(request.input_volume), attribution,
-                              {**result["explanation"], "request": asdict(request)}, confidence,
+                              {**result["explanation"], "request": asdict(request), "record": result["record"]},
+                              confidence,
                               opacity=request.opacity, top_percent=request.top_percent, colormap=request.colormap,
                               render_3d=request.render_3d, volume_rendering_logic=self.volume_rendering_logic)
 

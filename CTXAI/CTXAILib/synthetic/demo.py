@@ -119,7 +119,8 @@ def run_demo(out: str | Path, seed: int = DEMO_SEED, shape: tuple[int, int, int]
                 result = explainer.explain(ct, method, target, settings=settings)
                 folder = out / "explanations" / name
                 written = write_explanation(result, ct, explainer.model, folder,
-                                            extra={"demo": {"detection": detection, "ground_truth": truth}})
+                                            extra={"demo": {"detection": detection, "ground_truth": truth}},
+                                            sources={"volume": files["ct"], "model": explainer.model.card.path})
                 picture = triplanar_png(
                     ct, result.attribution, folder / "triplanar.png", (i, j, k), sign=result.sign, outline=outline,
                     title=f"{method} of the {model_name} for '{result.target['class']}' at voxel {(i, j, k)}; "

@@ -16,7 +16,8 @@ Requests (``id`` is chosen by the client and echoed in every reply):
 - ``{"id", "cmd": "explain", "model", "volume": {"path", "spacing", "origin", "directions"}, "method",
   "target": {"class", "contrast", "score", "region": {"type": "whole" | "box" | "voxel" | "component" | "mask",
   ...}}, "layer", "settings", "device", "precision", "memory_mb", "seed", "output", "checks" (names; the
-  result carries ``checks`` and a ``verdict``), "quality" (adds faithfulness), "out_dir"}``
+  result carries ``checks`` and a ``verdict``), "quality" (adds faithfulness), "out_dir", "audit_log" (the log the
+  run is appended to; default: ``$CTXAI_AUDIT_LOG``, else the per-user log)}``
 - ``{"id", "cmd": "describe_model", "model", "device"}`` -- card, layers and default CAM layer
 - ``model`` is a card, a weights file or a MONAI bundle folder; ``"trust_bundle_code": true`` (explain and
   describe_model) lets the bundle's Python expressions run, as ``--trust-bundle-code`` does
@@ -227,6 +228,7 @@ class Worker:
         from ..checks.runner import explain_and_check
         from ..engine.geometry import Box, Volume
         from ..engine.targets import BoxRegion, ComponentRegion, MaskRegion, Target, VoxelRegion, WholeVolume
+        from ..records.audit import append_entry, audit_entry, log_path
         from ..records.record import run_record
 
         explainer, reused = self.explainer(request["model"], request.get("device", "auto"),
@@ -266,8 +268,12 @@ class Worker:
         outputs = {"attribution": self._volume_file(result.attribution, out_dir / f"{job}-attribution.npy")}
         if result.confidence is not None:
             outputs["confidence"] = self._volume_file(result.confidence, out_dir / f"{job}-confidence.npy")
-        record = run_record(result, volume, explainer.model, outputs={k: v["path"] for k, v in outputs.items()})
+        record = run_record(result, volume, explainer.model, outputs={k: v["path"] for k, v in outputs.items()},
+                            sources={"model": request["model"]})
         record.update(verified)
+        # The outputs are exchange files the client removes once it has read them: the entry keeps their hashes.
+        append_entry(log_path(request.get("audit_log")),
+                     audit_entry(record, {k: v["path"] for k, v in outputs.items()}))
         return {**outputs, "record": record, "model_reused": reused,
                 "explanation": {"method": result.method, "sign": result.sign, "signed": result.signed,
                                 "family": result.family, "settings": result.settings, "target": result.target,
