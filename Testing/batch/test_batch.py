@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from CTXAILib.batch.engines import import_ray
 from CTXAILib.batch.policy import Policy
 from CTXAILib.batch.run import ROW_KEYS, run_batch
 from CTXAILib.errors import InputError, OutputError
@@ -144,8 +145,10 @@ def test_table_follows_the_policy_and_the_runs(local_batch, parts):
 
 
 def test_ray_gives_the_same_table(local_batch, parts, tmp_path):
-    ray = pytest.importorskip("ray")
+    ray = import_ray(local=True)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    # The test's Ray serves this machine only: its node listens on the loopback address.
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
     try:
         batch = run_batch(bundled_model("unet"), parts, tmp_path / "ray", engine="ray", workers=1, **ARGS)
     finally:

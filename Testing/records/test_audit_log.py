@@ -25,6 +25,14 @@ import CTXAILib.records.audit as audit
 log, tag, count, start, unlocked = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), sys.argv[5] == "1"
 if unlocked:
     audit._locked = lambda handle: contextlib.nullcontext(handle)
+# Both writers dwell between reading the last entry and appending theirs, so that their appends always overlap in
+# time (on a loaded machine the two processes could otherwise run one after the other and the control pass).
+read_last = audit._last_line
+def dwelling(handle):
+    line = read_last(handle)
+    time.sleep(0.005)
+    return line
+audit._last_line = dwelling
 Path(f"{start}.{tag}").touch()
 while not start.exists():
     time.sleep(0.001)

@@ -23,9 +23,24 @@ from typing import Any, Iterator
 from ..errors import InputError, WorkerLost
 from . import work
 
-__all__ = ["ENGINES", "Engine", "get_engine", "cpu_share"]
+__all__ = ["ENGINES", "Engine", "get_engine", "cpu_share", "import_ray"]
 
 _CORES_PER_WORKER = 4
+
+
+def import_ray(local: bool):
+    """The ``ray`` module; ``local``: set up so that a Ray started here binds to the loopback address only.
+
+    On Linux Ray advertises the node's network address even for a one-machine Ray; with its cluster mode off (the
+    switch Ray reads when it is imported) it uses 127.0.0.1, so a local batch opens no port beyond this machine."""
+    if local:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    try:
+        import ray
+    except ImportError:
+        raise InputError("--engine ray needs Ray: pip install 'ray>=2.9' (or ctxai[cluster]), or use "
+                         "--engine local.") from None
+    return ray
 
 
 def cpu_share(cores: int, workers: int | None) -> tuple[int, int]:
@@ -157,11 +172,7 @@ class RayEngine(Engine):
 
     def __init__(self, setup, workers=None, address=None):
         super().__init__(setup, workers, address)
-        try:
-            import ray
-        except ImportError:
-            raise InputError("--engine ray needs Ray: pip install 'ray>=2.9' (or ctxai[cluster]), or use "
-                             "--engine local.") from None
+        ray = import_ray(local=address is None)
         self._ray = ray
         self._started = not ray.is_initialized()
         if self._started:

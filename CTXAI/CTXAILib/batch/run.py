@@ -23,6 +23,7 @@ import datetime as _dt
 import hashlib
 import io
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -134,8 +135,10 @@ class _Table:
     """The batch's rows as they fill in: a scan's regions once it is predicted, an item's run once it is done."""
 
     def __init__(self, out: Path, batch: dict[str, Any], scans: list[Scan], rule: Policy, task: str,
-                 model_sha256: str, methods: dict[str, dict[str, Any]], checks: list[str], seed: int, started: float):
+                 model_sha256: str, methods: dict[str, dict[str, Any]], checks: list[str], seed: int, started: float,
+                 audit_log: str):
         self.out, self.batch, self.scans, self.rule, self.task = out, batch, scans, rule, task
+        self.audit_log = audit_log
         self.model_sha256, self.methods, self.checks, self.seed, self.started = (model_sha256, methods, checks,
                                                                                   seed, started)
         self.rows: dict[tuple, dict[str, Any]] = {}
@@ -186,7 +189,7 @@ class _Table:
                 self.items.append(((index, number, method), {
                     "volume": str(scan.path), "series": scan.series, "spacing": scan.spacing, "method": method,
                     "settings": values, "checks": self.checks, "seed": self.seed, "target": target,
-                    "run_dir": str(self.out / run_dir), "started": self.started,
+                    "run_dir": str(self.out / run_dir), "started": self.started, "audit_log": self.audit_log,
                     "record": {"key": key, "part_id": scan.part_id, "defect_id": number, "selected_by": selected,
                                "policy": self.rule.to_dict()}}))
 
@@ -216,7 +219,7 @@ def run_batch(model: str | Path, inputs: str | Path, out: str | Path, policy: st
               methods: Iterable[str] = ("saliency",), checks: Iterable[str] | str | None = None,
               settings: dict[str, Any] | None = None, seed: int = 0, engine: str = "local",
               workers: int | None = None, address: str | None = None, device: str = "auto",
-              memory_mb: float | None = None, min_voxels: int = 1,
+              memory_mb: float | None = None, min_voxels: int = 1, audit_log: str | Path | None = None,
               progress: Callable[[Progress], None] | None = None) -> dict[str, Any]:
     """Run (or resume) a batch into ``out``; returns what ``batch.json`` holds. See the module docstring.
 
@@ -226,6 +229,7 @@ def run_batch(model: str | Path, inputs: str | Path, out: str | Path, policy: st
     """
     from ..checks.runner import resolve_checks
     from ..engine.models import load_model
+    from ..records.audit import LOG_ENV, LOG_NAME, claim_log
 
     started = time.time()
     loaded = load_model(model)  # a bad card or weights stop the batch here, before any worker starts
@@ -240,9 +244,12 @@ def run_batch(model: str | Path, inputs: str | Path, out: str | Path, policy: st
            "min_voxels": int(min_voxels)}
     engine_class = get_engine(engine)
     _claim(out, job)
+    # One log for the whole batch, inside its folder (every worker appends under the log's lock), checked writable
+    # before any scan is predicted so that no item is explained unlogged.
+    log = claim_log(audit_log or os.environ.get(LOG_ENV) or out / LOG_NAME)
     batch: dict[str, Any] = {"format": FORMAT, **job, "engine": engine, "started": _now(), "finished": None,
                              "counts": {}, "scans": [], "rows": []}
-    table = _Table(out, batch, scans, rule, card.task, loaded.sha256, chosen, check_names, seed, started)
+    table = _Table(out, batch, scans, rule, card.task, loaded.sha256, chosen, check_names, seed, started, str(log))
 
     def report(message: str, fraction: float, eta: float | None = None) -> None:
         if progress is not None:

@@ -171,7 +171,9 @@ def _explain(payload: dict[str, Any]) -> dict[str, Any]:
     run_dir = claim_output_folder(payload["run_dir"], [payload["volume"], model.card.path, model.card.weights_path],
                                   True, payload["started"])
     batch = dict(payload["record"], seconds=round(time.perf_counter() - started, 3))
-    written = write_explanation(result, volume, model, run_dir, extra={**verified, "batch": batch})
+    written = write_explanation(result, volume, model, run_dir, extra={**verified, "batch": batch},
+                                sources={"volume": payload["volume"], "model": model.card.path},
+                                audit_log=payload["audit_log"])
     return run_summary(json.loads(Path(written["record"]).read_text()))
 
 

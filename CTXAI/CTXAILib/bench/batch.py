@@ -50,8 +50,9 @@ def run_batch_rows(rows: Sequence[str], workdir: Path, device: str, quick: bool,
         engine, workers = _engine(row)
         ray_init = None
         if engine == "ray":
-            import ray
+            from ..batch.engines import import_ray
 
+            ray = import_ray(local=True)
             started = time.perf_counter()
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
             ray_init = time.perf_counter() - started

@@ -29,7 +29,8 @@ def _cmd_batch(args) -> int:
         batch = run_batch(args.model, args.inputs, args.out, policy=args.policy, methods=args.methods,
                           checks=args.checks, settings=dict(args.set or []), seed=args.seed, engine=args.engine,
                           workers=args.workers, address=args.address, device=args.device,
-                          memory_mb=args.memory_mb, min_voxels=args.min_voxels, progress=bar)
+                          memory_mb=args.memory_mb, min_voxels=args.min_voxels, audit_log=args.audit_log,
+                          progress=bar)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the items finished so far are kept in {args.out}; run the same command again to "
               "resume", file=sys.stderr)
@@ -77,5 +78,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                      "file system every node sees")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (the engine gives each worker its GPU)")
     p.add_argument("--memory-mb", type=_memory_mb, help="activation memory budget per worker")
+    p.add_argument("--audit-log", metavar="PATH",
+                   help="audit log every item's run is appended to (default: $CTXAI_AUDIT_LOG, else "
+                        "ctxai-audit.jsonl in --out)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_batch)

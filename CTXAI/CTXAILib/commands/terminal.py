@@ -10,10 +10,11 @@ __all__ = ["TerminalProgress"]
 class TerminalProgress:
     """A one-line progress bar with ETA on stderr."""
 
-    def __init__(self, stream=sys.stderr, width: int = 30):
-        self.stream = stream
+    def __init__(self, stream=None, width: int = 30):
+        # The stream of the moment, not the one at import: a caller (pytest, a log redirect) may have replaced it.
+        self.stream = sys.stderr if stream is None else stream
         self.width = width
-        self.active = stream.isatty()
+        self.active = self.stream.isatty()
         self._last = ""
         self._last_stage = None
 

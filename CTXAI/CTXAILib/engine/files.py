@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import CTXAIError
 
-__all__ = ["regular_file", "sha256_file"]
+__all__ = ["regular_file", "sha256_file", "sha256_path"]
 
 
 def regular_file(path: str | os.PathLike, what: str, error: type[CTXAIError]) -> Path:
@@ -42,4 +42,16 @@ def sha256_file(path: str | os.PathLike) -> str:
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_path(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, or of a folder (a DICOM series, TIFF slices, a MONAI bundle, an nnU-Net results
+    folder): of every file's relative name and sha256 in sorted order, so a changed, added or removed file shows."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for member in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{member.relative_to(path).as_posix()}\0{sha256_file(member)}\n".encode())
     return digest.hexdigest()

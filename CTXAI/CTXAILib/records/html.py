@@ -20,9 +20,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..engine.files import regular_file, sha256_file
+from ..engine.files import regular_file, sha256_path
 from ..engine.geometry import Box, Volume, atomic_output, read_volume
 from ..errors import CTXAIError, InputError
+from .sources import recorded_volume
 from .report import triplanar_picture
 
 __all__ = ["write_report", "write_record_page", "run_page", "record_page", "render_3d_png"]
@@ -154,11 +155,14 @@ def _run_volumes(run_dir: Path, record: dict[str, Any], reference_mask: str | Pa
     if not source:
         raise InputError(f"Run record {run_dir / 'run.json'} does not name its volume file (written by the worker "
                          "or an older CTXAI), so the report has no CT to draw. Re-run it with `ctxai explain`.")
-    path = regular_file(source["path"], "The run's volume", InputError)
-    if sha256_file(path) != source["sha256"]:
+    path = Path(source["path"])
+    if not path.exists():
+        raise InputError(f"The run's volume {path} is no longer there, so the report has no CT to draw. Restore "
+                         "the scanned file (or folder) where the run read it.")
+    if sha256_path(path) != source["sha256"]:
         raise InputError(f"The run's volume {path} has changed since the run (sha256 differs): the report would "
                          "draw the map over another scan. Restore the scanned file.")
-    ct = read_volume(path)
+    ct = recorded_volume(record)
     attribution = read_volume(regular_file(run_dir / record["outputs"]["attribution"], "The run's map", InputError))
     if not attribution.same_geometry(ct):
         extent = record.get("extent_ijk", {})

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.explain import Explanation
-from ..engine.files import sha256_file
+from ..engine.files import sha256_path
 from ..engine.geometry import Volume, atomic_output
 from ..engine.models import LoadedModel
 
@@ -54,7 +54,7 @@ def run_record(result: Explanation, volume: Volume, model: LoadedModel, outputs:
         "model": {"name": model.card.name, "sha256": model.sha256, "card": model.card.to_dict(),
                   "torchscript": model.is_torchscript, "layer_access": model.layer_access(),
                   "card_path": str(model.card.path) if model.card.path else None},
-        "sources": {name: {"path": str(Path(path).absolute()), "sha256": sha256_file(path)}
+        "sources": {name: {"path": str(Path(path).absolute()), "sha256": sha256_path(path)}
                     for name, path in (sources or {}).items() if path},
         "method": {"name": result.method, "family": result.family, "sign": result.sign, "signed": result.signed,
                    "settings": result.settings, "layer": result.layer},
@@ -78,3 +78,4 @@ def write_json(data: dict[str, Any], path: str | Path) -> Path:
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     return Path(path)
+

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.files import regular_file, sha256_file
+from ..engine.files import regular_file, sha256_path
 from ..errors import InputError, MethodError
 
 __all__ = ["Reproduction", "GPU_TOLERANCE", "differences", "reproduce"]
@@ -64,9 +64,9 @@ def _file_changed(record: dict, name: str, what: str) -> str | None:
     if source is None:
         return None
     path = Path(source["path"])
-    if not path.is_file():
+    if not path.exists():
         return f"{what} {path} is no longer there"
-    now = sha256_file(path)
+    now = sha256_path(path)
     if now != source["sha256"]:
         return f"{what} {path} changed: sha256 {now[:16]}... now, {source['sha256'][:16]}... when recorded"
     return None
@@ -87,7 +87,7 @@ def differences(record: dict[str, Any]) -> dict[str, list[str]]:
     weights = record["model"]["card"].get("weights")
     if card_path and weights:  # the card names the weights: a replaced weights file is a changed model too
         path = Path(card_path).parent / weights
-        now_sha = sha256_file(path) if path.is_file() else None
+        now_sha = sha256_path(path) if path.exists() else None
         if now_sha != record["model"]["sha256"]:
             found["model"].append(f"model weights {path} " + ("are no longer there" if now_sha is None else
                                   f"changed: sha256 {now_sha[:16]}... now, {record['model']['sha256'][:16]}... "
@@ -151,6 +151,7 @@ def reproduce(run_dir: str | Path, device: str | None = None, tolerance: float |
     from ..engine.geometry import read_volume
     from ..engine.models import load_model
     from ..engine.targets import Target
+    from .sources import recorded_volume
 
     run_dir = Path(run_dir)
     record = _load_record(run_dir)
@@ -159,7 +160,7 @@ def reproduce(run_dir: str | Path, device: str | None = None, tolerance: float |
     result.tolerance = (0.0 if result.device == "cpu" else GPU_TOLERANCE) if tolerance is None else tolerance
     if result.differences.get("input") or result.differences.get("model"):
         return result
-    volume = read_volume(record["sources"]["volume"]["path"])
+    volume = recorded_volume(record)
     model = load_model(record["sources"]["model"]["path"])
     window = record["window"]
     explainer = Explainer(model, device=result.device, precision=record.get("precision", "fp32"),
