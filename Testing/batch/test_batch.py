@@ -144,6 +144,19 @@ def test_table_follows_the_policy_and_the_runs(local_batch, parts):
     assert csv_lines[0].split(",") == list(ROW_KEYS) and len(csv_lines) == len(rows) + 1
 
 
+def test_the_batch_audit_log_verifies(local_batch):
+    from CTXAILib.records.audit import verify_log
+
+    out = local_batch[0]
+    done = [r for r in json.loads((out / "batch.json").read_text())["rows"] if r["status"] == "done"]
+    check = verify_log(out / "ctxai-audit.jsonl")
+    # One entry per explained item, across the kill: a reused run is not logged twice.
+    assert check.intact and check.entries == len(done) and check.files_checked == 3 * len(done), check
+    entries = [json.loads(line) for line in (out / "ctxai-audit.jsonl").read_text().splitlines()]
+    assert {Path(e["outputs"]["record"]["path"]).parent.name for e in entries} == {Path(r["run_dir"]).name
+                                                                                   for r in done}
+
+
 def test_ray_gives_the_same_table(local_batch, parts, tmp_path):
     ray = import_ray(local=True)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
