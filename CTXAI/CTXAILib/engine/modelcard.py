@@ -11,8 +11,10 @@ Schema (every key is validated on load; an error names the file, the key and the
       "input_channels": 1,
       "patch_size": [48, 48, 48],                  # voxels along i, j, k (null: any size, whole volume at once)
       "spacing_mm": [0.2, 0.2, 0.2],               # voxel spacing the model was trained at, along i, j, k (optional)
+      "resample_to_spacing": false,                # true: resample inputs to spacing_mm, maps back (engine/resample.py)
       "normalization": {"type": "window", "window": [-1000, 4000]}
-                     | {"type": "meanstd", "mean": 1200.0, "std": 1500.0}
+                     | {"type": "meanstd", "mean": 1200.0, "std": 1500.0, "clip": [-900, 3900]}  # clip optional
+                     | {"type": "zscore"}          # (x - mean) / std of each volume's own voxels
                      | {"type": "none"},
       "air_value": -1000,                          # raw grey value of air (baseline "air"); optional
       "output_activation": "softmax" | "sigmoid" | "none",
@@ -48,14 +50,28 @@ FORMATS = ("torchscript", "state_dict")
 class Normalization:
     """Maps raw grey values to what the model was trained on.
 
+    ``meanstd`` computes ``(clip(x, lo, hi) - mean) / std`` (no clipping without ``clip``): nnU-Net's CT
+    normalisation with its foreground percentiles and statistics. ``zscore`` uses each volume's own mean and
+    standard deviation (nnU-Net's default for other images): :meth:`fitted` turns it into a ``meanstd`` for one volume.
+
     >>> Normalization("window", window=(-1000.0, 3000.0)).apply(np.array([-1000.0, 1000.0, 5000.0]))
     array([0. , 0.5, 1. ], dtype=float32)
+    >>> Normalization("meanstd", mean=1.0, std=2.0, clip=(0.0, 3.0)).apply(np.array([-5.0, 2.0, 9.0]))
+    array([-0.5,  0.5,  1. ], dtype=float32)
     """
 
     type: str = "none"
     window: tuple[float, float] | None = None
     mean: float | None = None
     std: float | None = None
+    clip: tuple[float, float] | None = None
+
+    def fitted(self, raw: np.ndarray) -> Normalization:
+        """The normalisation of one volume ``raw``: itself, or for ``zscore`` the ``meanstd`` of its voxels."""
+        if self.type != "zscore":
+            return self
+        mean, std = float(np.mean(raw, dtype=np.float64)), float(np.std(raw, dtype=np.float64))
+        return Normalization("meanstd", mean=mean, std=max(std, 1e-8))  # nnU-Net's floor for a uniform image
 
     def apply(self, raw: np.ndarray | float) -> np.ndarray:
         raw = np.asarray(raw, dtype=np.float32)
@@ -63,15 +79,20 @@ class Normalization:
             lo, hi = self.window
             return np.clip((raw - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0).astype(np.float32)
         if self.type == "meanstd":
+            if self.clip is not None:
+                raw = np.clip(raw, np.float32(self.clip[0]), np.float32(self.clip[1]))
             return ((raw - np.float32(self.mean)) / np.float32(self.std)).astype(np.float32)
+        if self.type == "zscore":
+            return self.fitted(raw).apply(raw)
         return raw
 
     def to_dict(self) -> dict[str, Any]:
         if self.type == "window":
             return {"type": "window", "window": list(self.window)}
         if self.type == "meanstd":
-            return {"type": "meanstd", "mean": self.mean, "std": self.std}
-        return {"type": "none"}
+            clip = {} if self.clip is None else {"clip": list(self.clip)}
+            return {"type": "meanstd", "mean": self.mean, "std": self.std, **clip}
+        return {"type": self.type}
 
 
 @dataclass
@@ -92,6 +113,7 @@ class ModelCard:
     input_channels: int = 1
     patch_size: tuple[int, int, int] | None = None
     spacing_mm: tuple[float, float, float] | None = None
+    resample_to_spacing: bool = False
     normalization: Normalization = field(default_factory=Normalization)
     air_value: float | None = None
     output_activation: str = "softmax"
@@ -198,6 +220,9 @@ class ModelCard:
                                  " naming the network class (e.g. ctxai.UNet3D or monai.networks.nets.UNet).")
             if not isinstance(architecture.get("params", {}), dict):
                 raise ModelError(f"{where}: 'architecture.params' must be an object of keyword arguments.")
+        resample = check("resample_to_spacing", bool) or False
+        if resample and data.get("spacing_mm") is None:
+            raise ModelError(f"{where}: 'resample_to_spacing' needs 'spacing_mm', the spacing to resample to.")
         sha = check("sha256", str)
         if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha.lower())):
             raise ModelError(f"{where}: 'sha256' must be 64 hexadecimal digits, got {sha!r}.")
@@ -210,6 +235,7 @@ class ModelCard:
             input_channels=channels,
             patch_size=triple("patch_size", int),
             spacing_mm=triple("spacing_mm", float),
+            resample_to_spacing=resample,
             normalization=_normalization(data.get("normalization"), where),
             air_value=check("air_value", (int, float)),
             output_activation=choice("output_activation", ACTIVATIONS, "softmax"),
@@ -226,6 +252,8 @@ class ModelCard:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("path")
+        if not self.resample_to_spacing:
+            data.pop("resample_to_spacing")
         data["normalization"] = self.normalization.to_dict()
         for key in ("patch_size", "spacing_mm"):
             data[key] = None if data[key] is None else list(data[key])
@@ -256,7 +284,14 @@ def _normalization(spec: Any, where: str) -> Normalization:
         mean, std = spec.get("mean"), spec.get("std")
         if not isinstance(mean, (int, float)) or not isinstance(std, (int, float)) or std <= 0:
             raise ModelError(f"{where}: mean-std normalisation needs numbers 'mean' and 'std' > 0, got {spec!r}.")
-        return Normalization("meanstd", mean=float(mean), std=float(std))
+        clip = spec.get("clip")
+        if clip is not None and (not isinstance(clip, list) or len(clip) != 2
+                                 or not all(isinstance(v, (int, float)) for v in clip) or clip[1] <= clip[0]):
+            raise ModelError(f"{where}: mean-std 'clip' must be [low, high] with low < high, got {clip!r}.")
+        return Normalization("meanstd", mean=float(mean), std=float(std),
+                             clip=None if clip is None else (float(clip[0]), float(clip[1])))
+    if kind == "zscore":
+        return Normalization("zscore")
     if kind == "none":
         return Normalization()
-    raise ModelError(f"{where}: normalisation 'type' must be window, meanstd or none, got {kind!r}.")
+    raise ModelError(f"{where}: normalisation 'type' must be window, meanstd, zscore or none, got {kind!r}.")

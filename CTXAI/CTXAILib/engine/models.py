@@ -81,13 +81,16 @@ class LoadedModel:
     """
 
     def __init__(self, module: nn.Module, card: ModelCard, sha256: str, device: torch.device | str = "cpu",
-                 warnings_: list[str] | None = None):
+                 warnings_: list[str] | None = None, members: list[LoadedModel] | None = None):
         self.module = module.eval()
         for parameter in self.module.parameters():
             parameter.requires_grad_(False)  # attributions need input gradients only; this halves backward work
         self.card = card
         self.sha256 = sha256
         self.warnings = list(warnings_ or [])
+        # An ensemble (an nnU-Net's folds): ``module`` is the first member's network, for layers and the output check;
+        # the explainer explains with each member and averages their maps.
+        self.members = list(members or [])
         self.device = torch.device("cpu")
         self._layers: dict[tuple, list[LayerInfo]] = {}
         self._output_checked = False
@@ -195,11 +198,19 @@ class LoadedModel:
         return modules[name]
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """Load a model from its card (``.json``) or its weights file (card found beside it, if any).
+def load_model(path: str | Path, device: torch.device | str = "cpu", fold: int | str | None = None) -> LoadedModel:
+    """Load a model from its card (``.json``), its weights file (card found beside it, if any) or an nnU-Net v2
+    results folder (``fold``: a number, ``"all"`` for the fold ensemble, None for the only fold or fold 0).
 
     Raises :class:`ModelError` for a missing, corrupt or mismatching file, with what to do about it.
     """
+    if Path(path).is_dir():
+        from .nnunet import load_nnunet
+
+        return load_nnunet(path, fold, device)
+    if fold is not None:
+        raise ModelError(f"A fold ({fold}) was given, but {path} is a model file, not an nnU-Net results folder. "
+                         "Leave the fold out, or give the folder TRAINER__PLANS__CONFIG.")
     path = regular_file(path, "Model file", ModelError)
     if path.suffix.lower() == ".json":
         card = ModelCard.load(path)
