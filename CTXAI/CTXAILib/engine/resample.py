@@ -5,7 +5,7 @@ the volume is resampled to the card's spacing, explained there, and the maps com
 IJK-to-RAS matrix and shape bit-identical. Nothing happens silently: the explanation's warnings say from what to what,
 and its ``resampling`` entry (in the run record) gives both grids and the interpolation.
 
-The model grid follows nnU-Net's rule: along each axis ``n' = round(n * s / s')`` voxels that cover exactly the
+The model grid follows nnU-Net's rule: along each axis ``n' = round(s / s' * n)`` voxels that cover exactly the
 input's extent (voxel edges on voxel edges), so its spacing is ``n * s / n'`` (the card's ``s'`` to within half a
 voxel over the extent) and its directions are the input's. Grey values and maps are interpolated linearly (nnU-Net
 itself resamples images with cubic splines); masks, points and boxes given in the input's IJK move to the voxels of
@@ -56,7 +56,9 @@ class ModelGrid:
         """The model grid of ``volume`` at ``target_spacing`` (mm along i, j, k)."""
         kji_target = np.asarray(target_spacing, float)[::-1]
         kji_spacing = np.asarray(volume.spacing, float)[::-1]
-        model_shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(volume.shape, kji_spacing, kji_target))
+        # (s / t) * n, in the order nnU-Net computes it, so that a half voxel rounds as it does there.
+        model_shape = tuple(max(1, int(np.round(s / t * n)))
+                            for n, s, t in zip(volume.shape, kji_spacing, kji_target))
         return cls(volume.shape, volume.spacing, tuple(float(t) for t in target_spacing), model_shape)
 
     @property

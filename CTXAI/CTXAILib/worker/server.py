@@ -176,20 +176,22 @@ class Worker:
         return array
 
     def explainer(self, model: str, device: str = "auto", precision: str = "fp32",
-                  memory_mb: float | None = None) -> tuple[Any, bool]:
-        """The cached explainer of a model file, reloaded only when the file or the device changed; and whether
-        it was reused. Precision and memory budget are run settings: they never force a reload."""
+                  memory_mb: float | None = None, fold: int | str | None = None) -> tuple[Any, bool]:
+        """The cached explainer of a model file (or nnU-Net results folder and ``fold``), reloaded only when the
+        file or the device changed; and whether it was reused. Precision and memory budget are run settings: they
+        never force a reload."""
         from ..engine.explain import Explainer
+        from ..engine.models import load_model
         from ..engine.runtime import MemoryBudget
 
         path = Path(model).resolve()
-        key = (str(path), path.stat().st_mtime_ns if path.exists() else 0, device)
+        key = (str(path), path.stat().st_mtime_ns if path.exists() else 0, device, fold)
         explainer = self._explainers.get(key)
         if explainer is not None:
             explainer.precision = precision
             explainer.budget = MemoryBudget.default(explainer.device, memory_mb)
             return explainer, True
-        explainer = Explainer(path, device=device, precision=precision, memory_mb=memory_mb)
+        explainer = Explainer(load_model(path, fold=fold), device=device, precision=precision, memory_mb=memory_mb)
         # One warm model per file: a changed file or another device replaces the previous entry.
         self._explainers = {k: v for k, v in self._explainers.items() if k[0] != key[0]}
         self._explainers[key] = explainer
@@ -198,7 +200,7 @@ class Worker:
     def _describe_model(self, request: dict, job: str, cancel: threading.Event) -> dict:
         from ..checks.profile import read_profile
 
-        explainer, reused = self.explainer(request["model"], request.get("device", "auto"))
+        explainer, reused = self.explainer(request["model"], request.get("device", "auto"), fold=request.get("fold"))
         model = explainer.model
         profile = read_profile(request["model"], model.sha256) if str(request["model"]).endswith(".json") else None
         return {"card": model.card.to_dict(), "sha256": model.sha256, "torchscript": model.is_torchscript,
@@ -222,7 +224,8 @@ class Worker:
         from ..records.record import run_record
 
         explainer, reused = self.explainer(request["model"], request.get("device", "auto"),
-                                           request.get("precision", "fp32"), request.get("memory_mb"))
+                                           request.get("precision", "fp32"), request.get("memory_mb"),
+                                           request.get("fold"))
         spec = request["volume"]
         out_dir = self._exchange_path(request["out_dir"], "Output folder")
         volume = Volume(self._load_array(spec["path"], "Volume array"), spec["spacing"], spec["origin"],
