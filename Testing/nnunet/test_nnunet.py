@@ -22,7 +22,7 @@ from CTXAILib.engine.targets import BoxRegion, VoxelRegion
 CTXAI = shutil.which("ctxai") or str(Path(sys.executable).with_name("ctxai"))
 # Few steps and samples: these tests show every method runs through the resampling, not how good the maps are.
 SMALL = {"integrated_gradients": {"steps": 4}, "smoothgrad": {"samples": 2}, "deepshap": {"baselines": 2},
-         "gradient_shap": {"samples": 2, "baselines": 2}, "occlusion": {"window": 8, "stride": 8},
+         "gradient_shap": {"samples": 2, "baselines": 2}, "occlusion": {"window": 16, "stride": 16},
          "lime": {"samples": 16, "supervoxels": 8}, "kernel_shap": {"samples": 16, "supervoxels": 8},
          "feature_ablation": {"supervoxels": 8}}
 ROI = BoxRegion(Box((8, 8, 6), (16, 16, 12)))
@@ -81,19 +81,27 @@ def test_probabilities_equal_nnunets_own_predictor(nnunet_folder):
                                     json.loads((nnunet_folder / "dataset.json").read_text()), "TinyTrainer", None)
     _, theirs = predictor.predict_single_npy_array(volume.array[None].astype(np.float32),
                                                    {"spacing": [0.2, 0.2, 0.2]}, None, None, True)
-    np.testing.assert_allclose(ours, theirs[1], atol=2e-3)  # CTXAI keeps probabilities as float16
+    # nnU-Net blends its tiles with a float16 Gaussian (sigma = patch / 8) that underflows towards the patch's
+    # corners, where its own single-tile prediction loses precision: compared where that weight is >= 1 % of its peak.
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+    weight = compute_gaussian((32, 32, 32), 1 / 8, 10, device=torch.device("cpu")).float().numpy()
+    central = weight >= 0.01 * weight.max()
+    assert central.mean() > 0.2
+    np.testing.assert_allclose(ours[central], theirs[1][central], atol=2e-3)  # CTXAI keeps float16 probabilities
 
     control = Explainer(load_model(nnunet_folder), device="cpu")
     control.model.card.normalization = type(model.card.normalization)()  # no normalisation
     wrong = control.explain(volume, "confidence", Target("pore")).attribution.array
-    assert np.abs(wrong - theirs[1]).max() > 0.05
+    assert np.abs(wrong - theirs[1])[central].max() > 0.05
 
 
 def test_resampling_round_trip_keeps_the_input_geometry(part):
     grid = ModelGrid.between(part, (0.2, 0.2, 0.2))
     assert grid.needed and grid.model_shape == (31, 31, 31)
     model_volume = grid.to_model(part)
-    assert np.allclose(model_volume.spacing, (0.2, 0.2, 0.2), atol=1e-3)
+    # The card's spacing to within half a voxel over the extent (31 voxels per axis here).
+    assert np.allclose(model_volume.spacing, (0.2, 0.2, 0.2), rtol=0.5 / 31 + 1e-9, atol=0)
     # Both grids cover one extent: their first voxels' outer corners coincide.
     corner = part.ijk_to_ras @ np.array([-0.5, -0.5, -0.5, 1.0])
     assert np.allclose(model_volume.ijk_to_ras @ np.array([-0.5, -0.5, -0.5, 1.0]), corner)
@@ -105,7 +113,8 @@ def test_resampling_round_trip_keeps_the_input_geometry(part):
     model_ijk = np.array(grid.region(VoxelRegion(tuple(ijk))).ijk)
     ras, model_ras = (v.ijk_to_ras @ np.array([*x, 1.0]) for v, x in ((part, ijk), (model_volume, model_ijk)))
     assert np.linalg.norm((ras - model_ras)[:3]) <= 0.5 * np.linalg.norm(model_volume.spacing)
-    assert not ModelGrid.between(model_volume, (0.2, 0.2, 0.2)).needed  # control: at the spacing, nothing to do
+    at_spacing = Volume(model_volume.array, (0.2, 0.2, 0.2), model_volume.origin, model_volume.directions)
+    assert not ModelGrid.between(at_spacing, (0.2, 0.2, 0.2)).needed  # control: at the card's spacing, nothing to do
 
 
 @pytest.mark.parametrize("method", [spec.name for spec in list_methods()])
@@ -118,8 +127,10 @@ def test_every_method_explains_on_the_inputs_grid(explainer, part, method):
     assert result.resampling["from_spacing_mm"] == [0.25, 0.25, 0.3]
     assert result.warnings[0].startswith("Resampled the volume from (0.25, 0.25, 0.3) mm")
     assert result.confidence.same_geometry(part)
-    # The ROI, given in the input's IJK, is inside the extent the map was computed over.
-    assert result.extent.contains(ROI.box) and result.target["box"] == [[8, 8, 6], [16, 16, 12]]
+    # The ROI, given in the input's IJK, is inside the extent the map was computed over; the region explained, told
+    # in the input's IJK again, is the ROI to within the voxel the two grids do not share.
+    assert result.extent.contains(ROI.box)
+    assert np.abs(np.array(result.target["box"]) - [[8, 8, 6], [16, 16, 12]]).max() <= 1
 
 
 def test_fold_ensemble_is_the_mean_of_the_folds_maps(nnunet_folder, part):

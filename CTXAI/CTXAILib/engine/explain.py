@@ -265,8 +265,9 @@ class Explainer:
         """The grids and ``volume`` resampled to the card's spacing, when the card asks for it and the volume is
         elsewhere; None otherwise. The last volume's are kept."""
         card = self.model.card
-        if not card.resample_to_spacing or not isinstance(volume, Volume):
-            return None
+        if (not card.resample_to_spacing or not isinstance(volume, Volume)
+                or (self._model_grid is not None and volume is self._model_grid[2])):
+            return None  # the resampled volume itself is on the model's grid, whatever its rounded spacing says
         grid = ModelGrid.between(volume, card.spacing_mm)
         if not grid.needed:
             return None

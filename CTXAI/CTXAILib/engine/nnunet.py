@@ -155,6 +155,25 @@ def _permuted(values: Any, transpose_forward: list[int]) -> list[float]:
     return list(reversed(kji))
 
 
+def _register_once(network: torch.nn.Module) -> None:
+    """dynamic-network-architectures registers each conv block's layers twice, by name (``conv``, ``norm``,
+    ``nonlin``) and inside ``all_modules``, the sequence its forward runs; hooks placed per registration then fire
+    twice (Captum's DeepLIFT fails on it). Only the registration forward runs is kept; the decoder's second
+    registration of the encoder (used for memory estimates only) goes too."""
+    for module in list(network.modules()):
+        runs = module._modules.get("all_modules")
+        if isinstance(runs, torch.nn.Sequential):
+            inside = {id(layer) for layer in runs}
+            for name in [n for n, child in module.named_children() if n != "all_modules" and id(child) in inside]:
+                delattr(module, name)
+    seen: set[int] = set()
+    for module in list(network.modules()):
+        for name, child in list(module.named_children()):
+            if id(child) in seen:
+                delattr(module, name)
+            seen.add(id(child))
+
+
 def load_nnunet(folder: str | Path, fold: int | str | None = None, device: torch.device | str = "cpu") -> LoadedModel:
     """Load an nnU-Net v2 results folder; ``fold`` as in :func:`CTXAILib.engine.models.load_model`."""
     folder = Path(folder).resolve()
@@ -202,8 +221,14 @@ def load_nnunet(folder: str | Path, fold: int | str | None = None, device: torch
     class_names, activation = _labels(label_manager, dataset)
     checkpoints = _folds(folder, fold)
 
+    arch_kwargs = dict(config.network_arch_init_kwargs)
+    if isinstance(arch_kwargs.get("nonlin_kwargs"), dict) and arch_kwargs["nonlin_kwargs"].get("inplace"):
+        # In-place activations overwrite the tensors that hooks read (Captum's DeepLIFT refuses them); the
+        # network computes the same without them.
+        arch_kwargs["nonlin_kwargs"] = {**arch_kwargs["nonlin_kwargs"], "inplace": False}
+
     def build() -> torch.nn.Module:
-        return get_network_from_plans(config.network_arch_class_name, config.network_arch_init_kwargs,
+        return get_network_from_plans(config.network_arch_class_name, arch_kwargs,
                                       config.network_arch_init_kwargs_req_import, channels,
                                       label_manager.num_segmentation_heads, allow_init=False,
                                       deep_supervision=False)
@@ -223,6 +248,7 @@ def load_nnunet(folder: str | Path, fold: int | str | None = None, device: torch
             detail = str(exc).split("\n", 1)[-1].strip()[:400]
             raise ModelError(f"The weights in {path} do not fit the network {folder / 'plans.json'} describes: "
                              f"{detail}. Use the plans.json the fold was trained with.") from None
+        _register_once(network)
         card = ModelCard(
             name=f"{name} {checkpoint_dir.name}", task="segmentation", class_names=class_names, format="state_dict",
             weights=f"{checkpoint_dir.name}/{CHECKPOINT}", input_channels=channels,

@@ -144,9 +144,11 @@ class ModelGrid:
             region.box.check_inside(self.shape)
             box = region.box.clip(self.shape)
             scale = self.scale[::-1]
-            lo = np.floor(np.asarray(box.lo) / scale + 1e-9).astype(int)
-            hi = np.maximum(lo + 1, np.ceil(np.asarray(box.hi) / scale - 1e-9).astype(int))
-            return BoxRegion(Box(tuple(lo), tuple(np.minimum(hi, self.model_shape[::-1]))))
+            # Model voxel m's centre lies inside the box when lo <= (m + 1/2) * scale < hi.
+            limit = np.asarray(self.model_shape[::-1])
+            lo = np.minimum(np.ceil(np.asarray(box.lo) / scale - 0.5 - 1e-9).astype(int), limit - 1)
+            hi = np.minimum(np.maximum(lo + 1, np.ceil(np.asarray(box.hi) / scale - 0.5 - 1e-9).astype(int)), limit)
+            return BoxRegion(Box(tuple(int(v) for v in lo), tuple(int(v) for v in hi)))
         if isinstance(region, (MaskRegion, FixedRegion)):
             box, mask = region.resolve(self.shape)
             full = np.zeros(self.shape, bool)
