@@ -1,15 +1,18 @@
 """Input files checked before they are opened: a device, a FIFO or a folder given as a model or a volume would
-hang a reader (``/dev/zero`` never ends) or fail deep inside it with a traceback."""
+hang a reader (``/dev/zero`` never ends) or fail deep inside it with a traceback; a damaged archive would load; a
+file's digest is what records and cards name it by."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
+import zipfile
 from pathlib import Path
 
-from ..errors import CTXAIError
+from ..errors import CTXAIError, ModelError
 
-__all__ = ["regular_file"]
+__all__ = ["regular_file", "check_archive", "sha256_file"]
 
 
 def regular_file(path: str | os.PathLike, what: str, error: type[CTXAIError]) -> Path:
@@ -33,3 +36,29 @@ def regular_file(path: str | os.PathLike, what: str, error: type[CTXAIError]) ->
             "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else
             "not a plain file")
     raise error(f"{what} {path} is {kind}, not a regular file. Give the path of the file itself.")
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_archive(path: Path) -> None:
+    """Refuse a zip archive (TorchScript and torch.save both write one) whose members fail their CRC: torch reads
+    tensors without checking it, so a damaged file would load and predict garbage without a word."""
+    with open(path, "rb") as handle:
+        is_zip = handle.read(4) == b"PK\x03\x04"
+    if not is_zip:
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, EOFError) as exc:
+        raise ModelError(f"Model file {path} is a damaged or truncated archive ({exc}). Copy the file again or "
+                         "re-export the model.") from exc
+    if damaged is not None:
+        raise ModelError(f"Model file {path} is damaged: member {damaged!r} of its archive fails its CRC check. "
+                         "Copy the file again or re-export the model.")

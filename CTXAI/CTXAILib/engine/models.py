@@ -8,7 +8,6 @@ the task is inferred from the output shape, with a warning saying what was assum
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import LayerError, ModelError
-from .files import regular_file
+from .files import check_archive, regular_file, sha256_file
 from .modelcard import ModelCard
 from .networks import build_architecture
 
@@ -41,14 +40,6 @@ class LayerInfo:
     def spatial(self) -> bool:
         """True when the output is a 3-D feature map (N, C, D, H, W), the only kind a CAM can use."""
         return self.output_shape is not None and len(self.output_shape) == 5
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def find_card(weights: Path) -> Path | None:
@@ -205,9 +196,13 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", fold: int |
     Raises :class:`ModelError` for a missing, corrupt or mismatching file, with what to do about it.
     """
     if Path(path).is_dir():
-        from .nnunet import load_nnunet
+        from .nnunet import read_results_folder
 
-        return load_nnunet(path, fold, device)
+        folds, ensemble, notes = read_results_folder(path, fold)
+        members = [LoadedModel(member.module, member.card, member.sha256, device, notes) for member in folds]
+        if ensemble is None:
+            return members[0]
+        return LoadedModel(members[0].module, ensemble[0], ensemble[1], device, notes, members=members)
     if fold is not None:
         raise ModelError(f"A fold ({fold}) was given, but {path} is a model file, not an nnU-Net results folder. "
                          "Leave the fold out, or give the folder TRAINER__PLANS__CONFIG.")
@@ -225,7 +220,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", fold: int |
         card = ModelCard.load(card_path) if card_path else None
 
     digest = sha256_file(weights)
-    _check_archive(weights)
+    check_archive(weights)
     if card is not None and card.sha256 and card.sha256 != digest:
         raise ModelError(f"Weights {weights} do not match their model card: sha256 is {digest}, the card says "
                          f"{card.sha256}. The file is corrupt or was replaced; restore it, or update 'sha256' in "
@@ -245,24 +240,6 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", fold: int |
                              f"{card.architecture.get('params', {})}: {detail}. Fix 'architecture' in the card "
                              "or use the matching weights.") from exc
     return LoadedModel(module, card, digest, device)
-
-
-def _check_archive(path: Path) -> None:
-    """Refuse a zip archive (TorchScript and torch.save both write one) whose members fail their CRC: torch reads
-    tensors without checking it, so a damaged file would load and predict garbage without a word."""
-    with open(path, "rb") as handle:
-        is_zip = handle.read(4) == b"PK\x03\x04"
-    if not is_zip:
-        return
-    try:
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
-    except (zipfile.BadZipFile, EOFError) as exc:
-        raise ModelError(f"Model file {path} is a damaged or truncated archive ({exc}). Copy the file again or "
-                         "re-export the model.") from exc
-    if damaged is not None:
-        raise ModelError(f"Model file {path} is damaged: member {damaged!r} of its archive fails its CRC check. "
-                         "Copy the file again or re-export the model.")
 
 
 def _jit_load(path: Path) -> torch.jit.ScriptModule:

@@ -24,18 +24,26 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from ..errors import ModelError
 from .modelcard import ModelCard, Normalization
-from .models import LoadedModel, _check_archive, sha256_file
+from .files import check_archive, sha256_file
 
-__all__ = ["is_results_folder", "load_nnunet", "NORMALIZATIONS"]
+__all__ = ["is_results_folder", "read_results_folder", "Member", "NORMALIZATIONS"]
 
 CHECKPOINT = "checkpoint_final.pth"
+
+
+class Member(NamedTuple):
+    """One fold: its network (eval mode, weights loaded), its synthesised card and its checkpoint's sha256."""
+
+    module: torch.nn.Module
+    card: ModelCard
+    sha256: str
 _MIRRORING = "off (nnU-Net's own prediction averages mirrored copies; an explanation explains the network once)"
 
 
@@ -107,7 +115,7 @@ def _allowed_globals() -> list:
 
 
 def _checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
-    _check_archive(path)
+    check_archive(path)
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
             checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -174,8 +182,11 @@ def _register_once(network: torch.nn.Module) -> None:
             seen.add(id(child))
 
 
-def load_nnunet(folder: str | Path, fold: int | str | None = None, device: torch.device | str = "cpu") -> LoadedModel:
-    """Load an nnU-Net v2 results folder; ``fold`` as in :func:`CTXAILib.engine.models.load_model`."""
+def read_results_folder(folder: str | Path, fold: int | str | None = None
+                        ) -> tuple[list[Member], tuple[ModelCard, str] | None, list[str]]:
+    """The folds of an nnU-Net v2 results folder (``fold`` as in :func:`CTXAILib.engine.models.load_model`), the
+    ensemble's card and digest when several are asked for (else None), and what every run should say about them.
+    :func:`~CTXAILib.engine.models.load_model` makes them a model."""
     folder = Path(folder).resolve()
     dataset, plans = _json(folder / "dataset.json"), _json(folder / "plans.json")
     parts = folder.name.split("__")
@@ -261,12 +272,12 @@ def load_nnunet(folder: str | Path, fold: int | str | None = None, device: torch
                       "plans": plans_name, "configuration": configuration, "folds": [checkpoint_dir.name],
                       "normalization": schemes[0], "mirroring": _MIRRORING},
             path=folder / "ctxai-card.json")
-        members.append(LoadedModel(network, card, sha256_file(path), device, notes))
+        members.append(Member(network.eval(), card, sha256_file(path)))
     if len(members) == 1:
-        return members[0]
+        return members, None, notes
     folds = [p.name for p in checkpoints]
     card = members[0].card
     card = ModelCard(**{**card.__dict__, "name": f"{name} {'+'.join(folds)}", "weights": f"{folds[0]}/{CHECKPOINT}",
                         "training": {**card.training, "folds": folds, "ensemble": "mean of the folds' maps"}})
     digest = hashlib.sha256("".join(member.sha256 for member in members).encode()).hexdigest()
-    return LoadedModel(members[0].module, card, digest, device, notes, members=members)
+    return members, (card, digest), notes
