@@ -33,7 +33,7 @@ from ..errors import ModelError
 from .modelcard import ModelCard, Normalization
 from .files import check_archive, sha256_file
 
-__all__ = ["is_results_folder", "read_results_folder", "Member", "NORMALIZATIONS"]
+__all__ = ["read_results_folder", "Member", "NORMALIZATIONS"]
 
 CHECKPOINT = "checkpoint_final.pth"
 
@@ -66,12 +66,6 @@ NORMALIZATIONS = {
 }
 
 
-def is_results_folder(path: str | Path) -> bool:
-    """True for a folder holding ``plans.json`` and ``dataset.json`` (an nnU-Net v2 results folder)."""
-    path = Path(path)
-    return path.is_dir() and (path / "plans.json").is_file() and (path / "dataset.json").is_file()
-
-
 def _json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -100,8 +94,12 @@ def _folds(folder: Path, fold: int | str | None) -> list[Path]:
             raise ModelError(f"nnU-Net results folder {folder} has several folds ({names}) and no fold 0: choose "
                              "one with --fold N, or --fold all for their ensemble.")
         return chosen
-    if str(fold) == "all":
-        return available
+    if str(fold) == "all":  # the numbered folds (nnU-Net's fold_all, trained on every case, is no fold of them)
+        numbered = [p for p in available if p.name[5:].isdigit()]
+        if not numbered:
+            raise ModelError(f"nnU-Net results folder {folder} has no numbered fold_N/{CHECKPOINT} to ensemble "
+                             f"(its folds: {names}).")
+        return numbered
     wanted = folder / f"fold_{fold}"
     if wanted not in available:
         raise ModelError(f"nnU-Net results folder {folder} has no fold {fold} with a {CHECKPOINT}; its folds are "
