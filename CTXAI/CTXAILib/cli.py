@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Sequence
 
-from .commands import bench, demo, explain, profile, train
+from .commands import bench, card, demo, explain, profile, train
 from .errors import Cancelled, CTXAIError
 
 __all__ = ["main", "build_parser"]
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctxai", description="Explain 3-D deep-learning models on CT volumes.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    for module in (explain, profile, demo, train, bench):
+    for module in (explain, profile, demo, train, bench, card):
         module.add_parser(sub)
     return parser
 

@@ -29,7 +29,7 @@ def test_card_round_trip(classifier_card):
     ({"spacing_mm": [0.2, -1, 0.2]}, "'spacing_mm' must be three positive floats"),
     ({"normalization": {"type": "window", "window": [10, 5]}}, "low < high"),
     ({"normalization": {"type": "meanstd", "mean": 0, "std": 0}}, "std"),
-    ({"normalization": {"type": "zscore"}}, "must be window, meanstd or none"),
+    ({"normalization": {"type": "zscore"}}, "must be window, meanstd, minmax, percentile or none"),
     ({"output_activation": "relu"}, "'output_activation' must be one of"),
     ({"format": "onnx"}, "'format' must be one of"),
     ({"architecture": None}, "needs 'architecture'"),

@@ -53,8 +53,10 @@ def test_card_is_synthesised_from_the_plans(nnunet_folder):
     assert (card.task, card.class_names, card.output_activation) == ("segmentation", ["background", "pore"], "softmax")
     assert card.patch_size == (32, 32, 32) and card.spacing_mm == (0.2, 0.2, 0.2) and card.resample_to_spacing
     norm = card.normalization
-    assert (norm.type, norm.mean, norm.clip) == ("meanstd", statistics["mean"],
-                                                 (statistics["percentile_00_5"], statistics["percentile_99_5"]))
+    assert (norm.type, norm.mean, norm.std, norm.clip) == (
+        "percentile", statistics["mean"], statistics["std"],
+        (statistics["percentile_00_5"], statistics["percentile_99_5"]))
+    assert not norm.per_volume  # nnU-Net's CT statistics are the dataset's, not each volume's
     assert card.training["folds"] == ["fold_0"] and "mirroring" in card.training
     assert not any(m.training for m in model.module.modules())  # eval mode; deep supervision off: one output
     output = model(torch.zeros(1, 1, 32, 32, 32))
@@ -163,7 +165,7 @@ def test_cli_explains_the_results_folder(nnunet_folder, part, tmp_path):
     record = json.loads((out / "run.json").read_text())
     assert record["resampling"]["card_spacing_mm"] == [0.2, 0.2, 0.2]
     assert record["model"]["card"]["training"]["source"] == "nnU-Net v2 results folder"
-    assert record["model"]["card"]["normalization"]["type"] == "meanstd"
+    assert record["model"]["card"]["normalization"]["type"] == "percentile"
 
     done = subprocess.run([CTXAI, "explain", "--volume", volume_file, "--model", nnunet_folder, "--fold", "7",
                            "--method", "saliency", "--out", tmp_path / "bad"], capture_output=True, text=True,

@@ -14,6 +14,9 @@ from .terminal import TerminalProgress
 
 __all__ = ["add_parser"]
 
+_TRUST = ("let a MONAI bundle's config evaluate its Python expressions ($...) and build a network that is not "
+          "MONAI's: this runs the bundle's code, so only for bundles from authors you trust")
+
 
 def _ints(text: str, count: int, what: str) -> list[int]:
     try:
@@ -62,7 +65,7 @@ def _cmd_methods(args) -> int:
 def _cmd_layers(args) -> int:
     from ..engine.models import load_model
 
-    model = load_model(args.model, fold=args.fold)
+    model = load_model(args.model, trust_code=args.trust_bundle_code, fold=args.fold)
     infos = model.layers()
     default = model.default_layer()
     if args.json:
@@ -106,7 +109,7 @@ def _cmd_explain(args) -> int:
             raise InputError(f"Reference mask {args.reference_mask} does not have the geometry of volume "
                              f"{args.volume} (shape and IJK-to-RAS must match). Resample it onto the volume first.")
         reference = np.asarray(reference_volume.array) > 0
-    model = load_model(args.model, fold=args.fold)
+    model = load_model(args.model, trust_code=args.trust_bundle_code, fold=args.fold)
     # Check names are resolved before anything is written: a misspelt one costs no run and no folder.
     checks = resolve_checks(list(args.checks or []) + (["faithfulness"] if args.quality else []), model.card.task,
                             reference is not None)
@@ -143,7 +146,8 @@ def _cmd_explain(args) -> int:
     return 0
 
 
-_MODEL_HELP = "model card (.json), weights file, or nnU-Net v2 results folder (DatasetXXX/TRAINER__PLANS__CONFIG)"
+_MODEL_HELP = ("model card (.json), weights file, MONAI bundle folder, or nnU-Net v2 results folder "
+               "(DatasetXXX/TRAINER__PLANS__CONFIG)")
 _FOLD_HELP = ("nnU-Net results folder: fold number, or 'all' for the fold ensemble (the mean of the folds' maps); "
               "default: the only fold, else fold 0")
 
@@ -181,6 +185,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("layers", help="list a model's layers with output shapes (* = default CAM layer)")
     p.add_argument("--model", required=True, help=_MODEL_HELP)
+    p.add_argument("--trust-bundle-code", action="store_true", help=_TRUST)
     p.add_argument("--fold", type=_fold, help=_FOLD_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_cmd_layers)
@@ -188,6 +193,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("explain", help="explain one target on one volume")
     p.add_argument("--volume", required=True, help="CT volume (NRRD, NIfTI, MHA, ...)")
     p.add_argument("--model", required=True, help=_MODEL_HELP)
+    p.add_argument("--trust-bundle-code", action="store_true", help=_TRUST)
     p.add_argument("--fold", type=_fold, help=_FOLD_HELP)
     p.add_argument("--method", required=True, help="method name (see `ctxai methods`)")
     p.add_argument("--target", help="class name or number (default: the predicted class / first foreground class)")

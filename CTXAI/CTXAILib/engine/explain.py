@@ -25,6 +25,7 @@ from . import methods  # noqa: F401  (registers every method)
 from .baselines import make_baseline
 from .geometry import Box, Volume
 from .methods.registry import MethodSpec, TileContext, VolumeContext, get_method
+from .modelcard import Normalization
 from .models import LoadedModel, load_model
 from .progress import CancelToken, Progress, ProgressCallback, RunMonitor
 from .resample import ModelGrid
@@ -49,6 +50,15 @@ def volume_sha256(volume: Volume) -> str:
     digest.update(memoryview(array).cast("B"))
     digest.update(np.asarray(volume.ijk_to_ras, dtype=np.float64).tobytes())
     return digest.hexdigest()
+
+
+def _applied(card: Normalization, fitted: Normalization) -> dict[str, Any]:
+    """The run record's account of the intensity normalisation: the card's, and the numbers the volume gave it."""
+    applied = fitted.to_dict()
+    if card.per_volume:
+        applied["per_volume"] = ("statistics computed once from the whole unperturbed input volume; every tile, "
+                                 "perturbed copy and baseline of the run used these same numbers")
+    return applied
 
 
 def activate(output: torch.Tensor, activation: str) -> torch.Tensor:
@@ -122,6 +132,7 @@ class Explanation:
     input_sha256: str
     warnings: list[str] = field(default_factory=list)
     quality: dict[str, Any] = field(default_factory=dict)
+    normalization: dict[str, Any] = field(default_factory=dict)  # as applied: the volume's statistics included
     fixed_target: Target | None = None  # the target as resolved: re-explains the same voxels on a changed model
     runner_up: str | None = None        # classification: the second most probable class of the explained patch
     resampling: dict[str, Any] | None = None  # the grids, when the card resamples to its spacing (engine/resample.py)
@@ -158,6 +169,7 @@ class _Prepared:
     x: torch.Tensor            # (1, C, K, J, I) normalised, CPU
     sha256: str
     air: float                 # normalised air value
+    normalization: Normalization  # the card's, with this volume's statistics when it has per-volume ones
     probabilities: np.ndarray | None = None  # segmentation: blended (classes, K, J, I)
     class_probabilities: dict[Box, np.ndarray] = field(default_factory=dict)  # classification, per extent
 
@@ -255,10 +267,11 @@ class Explainer:
         if self._prepared is not None and self._prepared.sha256 == sha:
             return self._prepared
         array = volume.array if volume.array.ndim == 4 else volume.array[None]
+        # Fitted once on the whole unperturbed volume: tiles, perturbed copies and baselines share its statistics.
         normalization = card.normalization.fitted(array)
         x = torch.from_numpy(normalization.apply(array))[None]
         air = float(normalization.apply(card.raw_air(float(np.min(volume.array)))))
-        self._prepared = _Prepared(volume, x, sha, air)
+        self._prepared = _Prepared(volume, x, sha, air, normalization)
         return self._prepared
 
     def model_grid(self, volume: Volume) -> tuple[ModelGrid, Volume] | None:
@@ -642,7 +655,8 @@ class Explainer:
                     "box": [list(resolved.box.lo), list(resolved.box.hi)]},
             layer=layer_name, prediction=prediction, extent=extent, confidence=confidence, timings=timings,
             device=str(self.device), precision=self.precision, input_sha256=prepared.sha256, warnings=warnings,
-            quality=scores, fixed_target=resolved.fixed(), runner_up=runner_up)
+            quality=scores, normalization=_applied(card.normalization, prepared.normalization),
+            fixed_target=resolved.fixed(), runner_up=runner_up)
 
     def class_mask(self, volume: Volume, class_index: int) -> np.ndarray:
         """A segmentation model's predicted mask (k, j, i) of one class over the whole volume (cached prediction)."""

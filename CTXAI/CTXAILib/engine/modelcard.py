@@ -13,9 +13,11 @@ Schema (every key is validated on load; an error names the file, the key and the
       "spacing_mm": [0.2, 0.2, 0.2],               # voxel spacing the model was trained at, along i, j, k (optional)
       "resample_to_spacing": false,                # true: resample inputs to spacing_mm, maps back (engine/resample.py)
       "normalization": {"type": "window", "window": [-1000, 4000]}
-                     | {"type": "meanstd", "mean": 1200.0, "std": 1500.0, "clip": [-900, 3900]}  # clip optional
-                     | {"type": "zscore"}          # (x - mean) / std of each volume's own voxels
-                     | {"type": "none"},
+                     | {"type": "meanstd", "mean": 1200.0, "std": 1500.0}
+                     | {"type": "minmax"} | {"type": "minmax", "range": [0, 65535]}
+                     | {"type": "percentile", "percentiles": [0.5, 99.5]}  # + "mean", "std", "nonzero",
+                                                                               #   "clip" (fixed raw bounds)
+                     | {"type": "none"},                 # see "Normalisations" below
       "air_value": -1000,                          # raw grey value of air (baseline "air"); optional
       "output_activation": "softmax" | "sigmoid" | "none",
       "default_cam_layer": "features.block4",      # optional; else the last conv layer
@@ -25,12 +27,30 @@ Schema (every key is validated on load; an error names the file, the key and the
       "architecture": {"name": "ctxai.DefectClassifier3D", "params": {...}},  # state_dict only
       "metrics": {...}, "training": {...}          # optional, free-form (quality figures, provenance)
     }
+
+Normalisations (``x`` raw grey value, ``n`` what the model gets, float32)::
+
+    none        n = x
+    window      n = b0 + (b1 - b0) * clip((x - lo) / (hi - lo), 0, 1)      window [lo, hi]
+    meanstd     n = (x - mean) / std
+    minmax      n = b0 + (b1 - b0) * (x - lo) / (hi - lo)                 range [lo, hi], or the volume's
+                                                                            [min, max] when no range is given
+    percentile  c = clip(x, P(p_low), P(p_high));  n = (c - mean) / std     P: the volume's percentiles;
+                                                                            mean, std given, or those of c
+
+``[b0, b1]`` is ``"output"`` (window and minmax only; default [0, 1]). ``"nonzero": true`` (percentile) computes
+the statistics over the non-zero voxels only and leaves zero voxels at 0, as MONAI's ``NormalizeIntensity`` does;
+percentiles [0, 100] without mean and std are the per-image z-score. A statistic of the volume (minmax without a
+range; percentile bounds, and mean and std when not given) is computed once per volume, over all its voxels and
+channels, from the unperturbed input, before any tiling: every tile, perturbed copy and baseline of a run is
+normalised with the same numbers (an occluded or noisy copy does not get new ones), so a perturbation method
+measures the model's answer to the change itself. The run record states the numbers used.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,51 +68,81 @@ FORMATS = ("torchscript", "state_dict")
 
 @dataclass(frozen=True)
 class Normalization:
-    """Maps raw grey values to what the model was trained on.
-
-    ``meanstd`` computes ``(clip(x, lo, hi) - mean) / std`` (no clipping without ``clip``): nnU-Net's CT
-    normalisation with its foreground percentiles and statistics. ``zscore`` uses each volume's own mean and
-    standard deviation (nnU-Net's default for other images): :meth:`fitted` turns it into a ``meanstd`` for one volume.
+    """Maps raw grey values to what the model was trained on (formulas in the module docstring).
 
     >>> Normalization("window", window=(-1000.0, 3000.0)).apply(np.array([-1000.0, 1000.0, 5000.0]))
     array([0. , 0.5, 1. ], dtype=float32)
-    >>> Normalization("meanstd", mean=1.0, std=2.0, clip=(0.0, 3.0)).apply(np.array([-5.0, 2.0, 9.0]))
-    array([-0.5,  0.5,  1. ], dtype=float32)
+    >>> Normalization("minmax").fitted(np.array([10.0, 30.0])).range
+    (10.0, 30.0)
     """
 
     type: str = "none"
     window: tuple[float, float] | None = None
     mean: float | None = None
     std: float | None = None
-    clip: tuple[float, float] | None = None
+    range: tuple[float, float] | None = None         # minmax: raw values mapped to the output's ends
+    percentiles: tuple[float, float] | None = None   # percentile: clip bounds as percentiles of the volume
+    clip: tuple[float, float] | None = None          # percentile: those bounds in raw grey values, once fitted
+    nonzero: bool = False                            # percentile: statistics over non-zero voxels only
+    output: tuple[float, float] | None = None        # window, minmax: [b0, b1], default [0, 1]
+
+    @property
+    def per_volume(self) -> bool:
+        """True when a statistic is still to be computed from the volume (see :meth:`fitted`)."""
+        if self.type == "minmax":
+            return self.range is None
+        if self.type == "percentile":
+            return self.clip is None or self.mean is None or self.std is None
+        return False
 
     def fitted(self, raw: np.ndarray) -> Normalization:
-        """The normalisation of one volume ``raw``: itself, or for ``zscore`` the ``meanstd`` of its voxels."""
-        if self.type != "zscore":
+        """This normalisation with the volume's statistics filled in (itself when it needs none).
+
+        ``raw`` is the whole unperturbed volume, any shape; the statistics cover all its voxels and channels."""
+        if not self.per_volume:
             return self
-        mean, std = float(np.mean(raw, dtype=np.float64)), float(np.std(raw, dtype=np.float64))
-        return Normalization("meanstd", mean=mean, std=max(std, 1e-8))  # nnU-Net's floor for a uniform image
+        raw = np.asarray(raw)
+        if self.type == "minmax":
+            return replace(self, range=(float(np.min(raw)), float(np.max(raw))))
+        values = raw[raw != 0] if self.nonzero else raw.ravel()
+        if values.size == 0:
+            return replace(self, clip=(0.0, 0.0), mean=0.0, std=1.0)
+        clip = self.clip or tuple(float(v) for v in np.percentile(values, self.percentiles))
+        clipped = np.clip(values, clip[0], clip[1])
+        mean = self.mean if self.mean is not None else float(np.mean(clipped, dtype=np.float64))
+        std = self.std if self.std is not None else float(np.std(clipped, dtype=np.float64))
+        # A constant volume has no spread: it is centred, not divided by zero.
+        return replace(self, clip=clip, mean=mean, std=std if std > 0 else 1.0)
 
     def apply(self, raw: np.ndarray | float) -> np.ndarray:
+        """``raw`` normalised, float32. A per-volume normalisation is first fitted to ``raw`` itself: to normalise
+        a part of a volume (or a single value) like the whole, apply :meth:`fitted` of the whole volume."""
         raw = np.asarray(raw, dtype=np.float32)
-        if self.type == "window":
-            lo, hi = self.window
-            return np.clip((raw - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0).astype(np.float32)
-        if self.type == "meanstd":
-            if self.clip is not None:
-                raw = np.clip(raw, np.float32(self.clip[0]), np.float32(self.clip[1]))
+        norm = self.fitted(raw)
+        b0, b1 = (np.float32(v) for v in norm.output or (0.0, 1.0))
+        if norm.type in ("window", "minmax"):
+            lo, hi = norm.window if norm.type == "window" else norm.range
+            unit = (raw - np.float32(lo)) / np.float32(hi - lo if hi > lo else 1.0)
+            if norm.type == "window":
+                unit = np.clip(unit, 0.0, 1.0)
+            return (b0 + (b1 - b0) * unit).astype(np.float32)
+        if norm.type == "meanstd":
             return ((raw - np.float32(self.mean)) / np.float32(self.std)).astype(np.float32)
-        if self.type == "zscore":
-            return self.fitted(raw).apply(raw)
+        if norm.type == "percentile":
+            scaled = ((np.clip(raw, np.float32(norm.clip[0]), np.float32(norm.clip[1])) - np.float32(norm.mean))
+                      / np.float32(norm.std)).astype(np.float32)
+            return np.where(raw != 0, scaled, np.float32(0.0)) if norm.nonzero else scaled
         return raw
 
     def to_dict(self) -> dict[str, Any]:
-        if self.type == "window":
-            return {"type": "window", "window": list(self.window)}
-        if self.type == "meanstd":
-            clip = {} if self.clip is None else {"clip": list(self.clip)}
-            return {"type": "meanstd", "mean": self.mean, "std": self.std, **clip}
-        return {"type": self.type}
+        data: dict[str, Any] = {"type": self.type}
+        for key in ("window", "mean", "std", "range", "percentiles", "clip", "output"):
+            value = getattr(self, key)
+            if value is not None:
+                data[key] = list(value) if isinstance(value, tuple) else value
+        if self.nonzero:
+            data["nonzero"] = True
+        return data
 
 
 @dataclass
@@ -267,31 +317,58 @@ class ModelCard:
         self.path = Path(path).resolve()
 
 
+def _pair(spec: dict, key: str, where: str, kind: str, increasing: bool = True) -> tuple[float, float] | None:
+    value = spec.get(key)
+    if value is None:
+        return None
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            or (increasing and value[1] <= value[0])):
+        raise ModelError(f"{where}: {kind} normalisation needs {key!r}: [low, high] with low < high, got {value!r}.")
+    return float(value[0]), float(value[1])
+
+
 def _normalization(spec: Any, where: str) -> Normalization:
     if spec is None:
         return Normalization()
     if not isinstance(spec, dict):
         raise ModelError(f"{where}: 'normalization' must be an object, got {spec!r}.")
     kind = spec.get("type")
+    allowed = {"none": set(), "window": {"window", "output"}, "meanstd": {"mean", "std"},
+               "minmax": {"range", "output"}, "percentile": {"percentiles", "mean", "std", "nonzero", "clip"}}
+    if kind not in allowed:
+        raise ModelError(f"{where}: normalisation 'type' must be window, meanstd, minmax, percentile or none, "
+                         f"got {kind!r}.")
+    extra = set(spec) - allowed[kind] - {"type"}
+    if extra:
+        raise ModelError(f"{where}: {kind} normalisation has no {', '.join(sorted(map(repr, extra)))}; its keys are "
+                         f"{', '.join(sorted(allowed[kind])) or 'none'} (formulas in CTXAILib/engine/modelcard.py).")
+    output = _pair(spec, "output", where, kind, increasing=False)
     if kind == "window":
-        window = spec.get("window")
-        if (not isinstance(window, list) or len(window) != 2
-                or not all(isinstance(v, (int, float)) for v in window) or window[1] <= window[0]):
-            raise ModelError(f"{where}: window normalisation needs 'window': [low, high] with low < high, "
-                             f"got {window!r}.")
-        return Normalization("window", window=(float(window[0]), float(window[1])))
+        window = _pair(spec, "window", where, kind)
+        if window is None:
+            raise ModelError(f"{where}: window normalisation needs 'window': [low, high] with low < high.")
+        return Normalization("window", window=window, output=output)
+    if kind == "minmax":
+        return Normalization("minmax", range=_pair(spec, "range", where, kind), output=output)
+    mean, std = spec.get("mean"), spec.get("std")
+    for key, value in (("mean", mean), ("std", std)):
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise ModelError(f"{where}: {kind} normalisation needs a number {key!r}, got {value!r}.")
+    if std is not None and std <= 0:
+        raise ModelError(f"{where}: {kind} normalisation needs 'std' > 0, got {std!r}.")
     if kind == "meanstd":
-        mean, std = spec.get("mean"), spec.get("std")
-        if not isinstance(mean, (int, float)) or not isinstance(std, (int, float)) or std <= 0:
+        if mean is None or std is None:
             raise ModelError(f"{where}: mean-std normalisation needs numbers 'mean' and 'std' > 0, got {spec!r}.")
-        clip = spec.get("clip")
-        if clip is not None and (not isinstance(clip, list) or len(clip) != 2
-                                 or not all(isinstance(v, (int, float)) for v in clip) or clip[1] <= clip[0]):
-            raise ModelError(f"{where}: mean-std 'clip' must be [low, high] with low < high, got {clip!r}.")
-        return Normalization("meanstd", mean=float(mean), std=float(std),
-                             clip=None if clip is None else (float(clip[0]), float(clip[1])))
-    if kind == "zscore":
-        return Normalization("zscore")
-    if kind == "none":
-        return Normalization()
-    raise ModelError(f"{where}: normalisation 'type' must be window, meanstd, zscore or none, got {kind!r}.")
+        return Normalization("meanstd", mean=float(mean), std=float(std))
+    if kind == "percentile":
+        percentiles = _pair(spec, "percentiles", where, kind)
+        if percentiles is None or percentiles[0] < 0 or percentiles[1] > 100:
+            raise ModelError(f"{where}: percentile normalisation needs 'percentiles': [low, high] with "
+                             f"0 <= low < high <= 100, got {spec.get('percentiles')!r}.")
+        if not isinstance(spec.get("nonzero", False), bool):
+            raise ModelError(f"{where}: percentile normalisation's 'nonzero' must be true or false.")
+        return Normalization("percentile", percentiles=percentiles, clip=_pair(spec, "clip", where, kind),
+                             mean=None if mean is None else float(mean), std=None if std is None else float(std),
+                             nonzero=spec.get("nonzero", False))
+    return Normalization()

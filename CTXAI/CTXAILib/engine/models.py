@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import LayerError, ModelError
+from .bundles import read_bundle
 from .files import check_archive, regular_file, sha256_file
 from .modelcard import ModelCard
 from .networks import build_architecture
@@ -189,13 +190,15 @@ class LoadedModel:
         return modules[name]
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu", fold: int | str | None = None) -> LoadedModel:
-    """Load a model from its card (``.json``), its weights file (card found beside it, if any) or an nnU-Net v2
-    results folder (``fold``: a number, ``"all"`` for the fold ensemble, None for the only fold or fold 0).
+def load_model(path: str | Path, device: torch.device | str = "cpu", trust_code: bool = False,
+               fold: int | str | None = None) -> LoadedModel:
+    """Load a model from its card (``.json``), its weights file (card found beside it, if any), a MONAI bundle
+    folder (:mod:`.bundles`; ``trust_code`` lets the Python expressions of its config run) or an nnU-Net v2 results
+    folder (:mod:`.nnunet`; ``fold``: a number, ``"all"`` for the fold ensemble, None for the only fold or fold 0).
 
     Raises :class:`ModelError` for a missing, corrupt or mismatching file, with what to do about it.
     """
-    if Path(path).is_dir():
+    if Path(path).is_dir() and (Path(path) / "plans.json").is_file():
         from .nnunet import read_results_folder
 
         folds, ensemble, notes = read_results_folder(path, fold)
@@ -204,10 +207,13 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", fold: int |
             return members[0]
         return LoadedModel(members[0].module, ensemble[0], ensemble[1], device, notes, members=members)
     if fold is not None:
-        raise ModelError(f"A fold ({fold}) was given, but {path} is a model file, not an nnU-Net results folder. "
+        raise ModelError(f"A fold ({fold}) was given, but {path} is not an nnU-Net results folder (no plans.json). "
                          "Leave the fold out, or give the folder TRAINER__PLANS__CONFIG.")
-    path = regular_file(path, "Model file", ModelError)
-    if path.suffix.lower() == ".json":
+    bundle = read_bundle(path, trust_code) if Path(path).is_dir() else None
+    if bundle is not None:
+        card = bundle.card
+        weights = regular_file(card.weights_path, "Weights file", ModelError)
+    elif (path := regular_file(path, "Model file", ModelError)).suffix.lower() == ".json":
         card = ModelCard.load(path)
         weights = card.weights_path
         if not weights.exists():
@@ -230,7 +236,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", fold: int |
     if card.format == "torchscript":
         module = _jit_load(weights)
     else:
-        module = build_architecture(card.architecture["name"], card.architecture.get("params"))
+        module = (bundle.build() if bundle is not None else
+                  build_architecture(card.architecture["name"], card.architecture.get("params")))
         state = _load_state_dict(weights)
         try:
             module.load_state_dict(state, strict=True)
@@ -239,7 +246,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", fold: int |
             raise ModelError(f"Weights {weights} do not fit architecture {card.architecture['name']} with params "
                              f"{card.architecture.get('params', {})}: {detail}. Fix 'architecture' in the card "
                              "or use the matching weights.") from exc
-    return LoadedModel(module, card, digest, device)
+    return LoadedModel(module, card, digest, device, bundle.warnings if bundle is not None else None)
 
 
 def _jit_load(path: Path) -> torch.jit.ScriptModule:
@@ -263,8 +270,11 @@ def _load_state_dict(path: Path) -> dict:
         raise ModelError(f"Could not load state_dict {path} safely: {first}. The file is damaged, or it holds "
                          "pickled Python objects beyond tensors (refused: untrusted code could run); save the "
                          "model with torch.save(model.state_dict(), path).") from exc
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    # Training checkpoints (MONAI's CheckpointSaver among them) keep the weights under one key.
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"{path} does not hold a state_dict (a mapping of names to tensors). Save it with "
                          "torch.save(model.state_dict(), path).")

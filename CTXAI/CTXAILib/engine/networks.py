@@ -111,14 +111,44 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "ctxai.DefectClassifier3D": DefectClassifier3D,
     "ctxai.UNet3D": UNet3D,
 }
-"""Architectures a model card may name for a state_dict. MONAI networks are named ``monai.networks.nets.<Class>``."""
+"""Architectures a model card may name for a state_dict. MONAI networks are named ``monai.networks.nets.<Name>``."""
+
+
+def _monai_network(name: str) -> Callable[..., nn.Module]:
+    """The network class or factory function ``monai.networks.nets.<Name>``; raises ModelError for anything else.
+
+    A factory (``resnet18``) is accepted only when its declared return type is an ``nn.Module``: it is never called
+    to find out, because a helper such as ``get_pretrained_resnet_medicalnet`` would download weights."""
+    import typing
+
+    from ..errors import ModelError
+
+    try:
+        import monai.networks.nets as monai_nets
+    except ImportError as exc:
+        raise ModelError(f"The model card names the MONAI network {name!r} but MONAI is not installed. "
+                         "Install it with `pip install monai`.") from exc
+    factory = getattr(monai_nets, name.rsplit(".", 1)[1], None)
+    if isinstance(factory, type):
+        returns = factory
+    else:
+        try:
+            returns = typing.get_type_hints(factory).get("return") if callable(factory) else None
+        except Exception:  # noqa: BLE001 - an annotation that does not resolve declares nothing usable
+            returns = None
+    if not isinstance(returns, type) or not issubclass(returns, nn.Module):
+        raise ModelError(f"MONAI has no network class or network factory function {name!r}. Check the spelling in "
+                         "the model card's 'architecture.name' (for example monai.networks.nets.UNet or "
+                         "monai.networks.nets.resnet18).")
+    return factory
 
 
 def build_architecture(name: str, params: dict | None = None) -> nn.Module:
     """Instantiate an architecture named in a model card, with its keyword parameters.
 
-    Only classes from this registry and from ``monai.networks.nets`` can be built: a card cannot make the loader
-    import or call anything else.
+    Only classes from this registry, and classes and network factory functions (``resnet18``, ...) from
+    ``monai.networks.nets``, can be built: a card cannot make the loader import or call anything else, nor fetch
+    pretrained weights (the card's weights file is the model).
     """
     from ..errors import ModelError
 
@@ -126,21 +156,21 @@ def build_architecture(name: str, params: dict | None = None) -> nn.Module:
     if name in ARCHITECTURES:
         factory = ARCHITECTURES[name]
     elif name.startswith("monai.networks.nets."):
-        try:
-            import monai.networks.nets as monai_nets
-        except ImportError as exc:
-            raise ModelError(f"The model card names the MONAI network {name!r} but MONAI is not installed. "
-                             "Install it with `pip install monai`.") from exc
-        factory = getattr(monai_nets, name.rsplit(".", 1)[1], None)
-        if not isinstance(factory, type) or not issubclass(factory, nn.Module):
-            raise ModelError(f"MONAI has no network class {name!r}. Check the spelling in the model card's "
-                             "'architecture.name' (for example monai.networks.nets.UNet).")
+        factory = _monai_network(name)
     else:
         known = ", ".join(sorted(ARCHITECTURES))
-        raise ModelError(f"Unknown architecture {name!r} in the model card. Use one of {known}, or a MONAI class "
-                         "as monai.networks.nets.<Class>, or save the model as TorchScript.")
+        raise ModelError(f"Unknown architecture {name!r} in the model card. Use one of {known}, or a MONAI network "
+                         "as monai.networks.nets.<Name>, or save the model as TorchScript.")
+    if params.get("pretrained"):
+        raise ModelError(f"The model card asks {name} for pretrained=true, which would download weights at load "
+                         "time. Remove 'pretrained' from 'architecture.params': the card's weights file holds the "
+                         "model's weights.")
     try:
-        return factory(**params)
+        module = factory(**params)
     except TypeError as exc:
         raise ModelError(f"Cannot build {name} with the card's parameters {params}: {exc}. "
                          "Fix 'architecture.params' in the model card.") from exc
+    if not isinstance(module, nn.Module):
+        raise ModelError(f"{name} returned a {type(module).__name__}, not a network (torch.nn.Module). Name a "
+                         "network in the model card's 'architecture.name'.")
+    return module

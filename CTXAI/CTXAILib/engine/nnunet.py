@@ -6,8 +6,9 @@ card synthesised in memory (and recorded with every run), and the network is bui
 
 - **normalisation** of the configuration's scheme: ``CTNormalization`` clips to the foreground's 0.5 and 99.5
   percentiles and z-scores with the foreground mean and standard deviation, all from the plans'
-  ``foreground_intensity_properties_per_channel`` (the card's ``meanstd`` with ``clip``); ``ZScoreNormalization``
-  z-scores each image with its own statistics (``zscore``); ``NoNormalization`` is ``none``;
+  ``foreground_intensity_properties_per_channel`` (the card's ``percentile`` with a fixed ``clip``, ``mean`` and
+  ``std``); ``ZScoreNormalization`` z-scores each image with its own statistics (``percentile`` over [0, 100]);
+  ``NoNormalization`` is ``none``;
 - **patch size** and **target spacing** of the configuration; the card sets ``resample_to_spacing``, so inputs are
   resampled to that spacing and the maps come back on the input's grid (:mod:`.resample`), said in each run;
 - **labels**: softmax over the labels in their order, or, for region-based training, a sigmoid per region;
@@ -55,13 +56,14 @@ def _ct(properties: dict[str, Any], where: str) -> Normalization:
         raise ModelError(f"{where}: CTNormalization needs the foreground's percentile_00_5, percentile_99_5, mean "
                          f"and std in 'foreground_intensity_properties_per_channel' ({exc}). Re-run nnU-Net's "
                          "planning for this dataset.") from None
-    return Normalization("meanstd", mean=mean, std=max(std, 1e-8), clip=(lo, hi))
+    return Normalization("percentile", percentiles=(0.5, 99.5), clip=(lo, hi), mean=mean, std=max(std, 1e-8))
 
 
 # nnU-Net's normalisation scheme -> the card's normalisation, given the channel's foreground statistics.
 NORMALIZATIONS = {
     "CTNormalization": _ct,
-    "ZScoreNormalization": lambda properties, where: Normalization("zscore"),
+    # Clipping to the volume's own 0th and 100th percentiles changes nothing: the per-image z-score.
+    "ZScoreNormalization": lambda properties, where: Normalization("percentile", percentiles=(0.0, 100.0)),
     "NoNormalization": lambda properties, where: Normalization(),
 }
 

@@ -18,6 +18,8 @@ Requests (``id`` is chosen by the client and echoed in every reply):
   ...}}, "layer", "settings", "device", "precision", "memory_mb", "seed", "output", "checks" (names; the
   result carries ``checks`` and a ``verdict``), "quality" (adds faithfulness), "out_dir"}``
 - ``{"id", "cmd": "describe_model", "model", "device"}`` -- card, layers and default CAM layer
+- ``model`` is a card, a weights file or a MONAI bundle folder; ``"trust_bundle_code": true`` (explain and
+  describe_model) lets the bundle's Python expressions run, as ``--trust-bundle-code`` does
 - ``{"id", "cmd": "methods"}`` -- the method registry (the panel builds its controls from it)
 - ``{"cmd": "cancel", "id"}`` and ``{"cmd": "shutdown"}``
 """
@@ -176,22 +178,26 @@ class Worker:
         return array
 
     def explainer(self, model: str, device: str = "auto", precision: str = "fp32",
-                  memory_mb: float | None = None, fold: int | str | None = None) -> tuple[Any, bool]:
-        """The cached explainer of a model file (or nnU-Net results folder and ``fold``), reloaded only when the
-        file or the device changed; and whether it was reused. Precision and memory budget are run settings: they
-        never force a reload."""
+                  memory_mb: float | None = None, trust_code: bool = False,
+                  fold: int | str | None = None) -> tuple[Any, bool]:
+        """The cached explainer of a model file (or folder: a bundle, an nnU-Net results folder and ``fold``),
+        reloaded only when the file (any file of a folder), the device, the fold or the trust in a bundle's code
+        changed; and whether it was reused. Precision and memory budget are run settings: they never force a
+        reload."""
         from ..engine.explain import Explainer
         from ..engine.models import load_model
         from ..engine.runtime import MemoryBudget
 
         path = Path(model).resolve()
-        key = (str(path), path.stat().st_mtime_ns if path.exists() else 0, device, fold)
+        files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path] if path.exists() else []
+        key = (str(path), max((p.stat().st_mtime_ns for p in files), default=0), device, bool(trust_code), fold)
         explainer = self._explainers.get(key)
         if explainer is not None:
             explainer.precision = precision
             explainer.budget = MemoryBudget.default(explainer.device, memory_mb)
             return explainer, True
-        explainer = Explainer(load_model(path, fold=fold), device=device, precision=precision, memory_mb=memory_mb)
+        explainer = Explainer(load_model(path, trust_code=bool(trust_code), fold=fold), device=device,
+                              precision=precision, memory_mb=memory_mb)
         # One warm model per file: a changed file or another device replaces the previous entry.
         self._explainers = {k: v for k, v in self._explainers.items() if k[0] != key[0]}
         self._explainers[key] = explainer
@@ -200,7 +206,9 @@ class Worker:
     def _describe_model(self, request: dict, job: str, cancel: threading.Event) -> dict:
         from ..checks.profile import read_profile
 
-        explainer, reused = self.explainer(request["model"], request.get("device", "auto"), fold=request.get("fold"))
+        explainer, reused = self.explainer(request["model"], request.get("device", "auto"),
+                                           trust_code=request.get("trust_bundle_code", False),
+                                           fold=request.get("fold"))
         model = explainer.model
         profile = read_profile(request["model"], model.sha256) if str(request["model"]).endswith(".json") else None
         return {"card": model.card.to_dict(), "sha256": model.sha256, "torchscript": model.is_torchscript,
@@ -225,7 +233,7 @@ class Worker:
 
         explainer, reused = self.explainer(request["model"], request.get("device", "auto"),
                                            request.get("precision", "fp32"), request.get("memory_mb"),
-                                           request.get("fold"))
+                                           request.get("trust_bundle_code", False), request.get("fold"))
         spec = request["volume"]
         out_dir = self._exchange_path(request["out_dir"], "Output folder")
         volume = Volume(self._load_array(spec["path"], "Volume array"), spec["spacing"], spec["origin"],
