@@ -153,7 +153,7 @@ def test_cli_explains_the_results_folder(nnunet_folder, part, tmp_path):
     volume_file = write_volume(part, tmp_path / "part.nrrd")
     out = tmp_path / "run"
     done = subprocess.run([CTXAI, "explain", "--volume", volume_file, "--model", nnunet_folder, "--fold", "0",
-                           "--method", "integrated_gradients", "--set", "steps=4", "--roi", "8,8,6,16,16,12",
+                           "--method", "saliency", "--roi", "8,8,6,16,16,12",
                            "--out", out, "--quiet"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "warning: Resampled the volume from (0.25, 0.25, 0.3) mm" in done.stderr
