@@ -191,3 +191,20 @@ def test_checkpoint_beyond_weights_is_refused(nnunet_folder, tmp_path):
         load_model(folder)
     torch.save({"network_weights": checkpoint["network_weights"]}, folder / "fold_0" / "checkpoint_final.pth")
     assert load_model(folder).card.class_names == ["background", "pore"]  # the export the message gives loads
+
+
+def test_worker_describes_the_results_folder_and_its_fold(nnunet_folder):
+    """The panel's path: the real worker process loads the folder (default fold, or the request's), by its path."""
+    from CTXAILib.worker.client import WorkerClient, WorkerError
+
+    client = WorkerClient()
+    try:
+        default = client.call("describe_model", model=str(nnunet_folder), device="cpu")
+        second = client.call("describe_model", model=str(nnunet_folder), device="cpu", fold=1)
+        assert default["card"]["training"]["folds"] == ["fold_0"] and second["card"]["training"]["folds"] == ["fold_1"]
+        assert default["sha256"] != second["sha256"] and default["card"]["resample_to_spacing"] is True
+        assert any(layer["cam_usable"] for layer in default["layers"]) and default["default_layer"]
+        with pytest.raises(WorkerError, match="has no fold 5"):
+            client.call("describe_model", model=str(nnunet_folder), device="cpu", fold=5)
+    finally:
+        client.stop()
