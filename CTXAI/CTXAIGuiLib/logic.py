@@ -103,9 +103,9 @@ class CTXAILogic(ScriptedLoadableModuleLogic):
         """A model's card, its layers (``cam_usable`` for CAM methods) and default CAM layer, read by the worker."""
         from CTXAILib.errors import InputError
 
-        if not Path(modelPath).is_file():
-            raise InputError(_("Model file {path} does not exist. Pick a model card (.json) or a TorchScript file.")
-                             .format(path=modelPath))
+        if not (Path(modelPath).is_file() or (Path(modelPath) / "plans.json").is_file()):
+            raise InputError(_("Model file {path} does not exist. Pick a model card (.json), a TorchScript file or "
+                               "an nnU-Net results folder.").format(path=modelPath))
         return self._callWorker(lambda: self.session.describe_model(str(modelPath), device))
 
     def _callWorker(self, request):
@@ -150,7 +150,7 @@ class CTXAILogic(ScriptedLoadableModuleLogic):
         """Explain ``targetClass`` of a model on a volume node.
 
         :param inputVolume: the CT volume node; results get exactly its geometry.
-        :param modelPath: model card (.json) or TorchScript file; default: the bundled U-Net.
+        :param modelPath: model card (.json), TorchScript file or nnU-Net results folder; default: the bundled U-Net.
         :param method: a registry name (see :meth:`methods`), e.g. ``gradcam``, ``integrated_gradients``.
         :param targetClass: class name from the card; None: the predicted class (classifier) or the first
             foreground class (segmentation). ``contrastClass`` explains "targetClass rather than contrastClass".

@@ -92,6 +92,7 @@ class CTXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             action = self._bundledModelsMenu.addAction(text)
             action.connect("triggered()", lambda name=name: self._useBundledModel(name))
         self.ui.bundledModelsButton.setMenu(self._bundledModelsMenu)
+        self.ui.modelFolderButton.connect("clicked(bool)", lambda checked: self._pickModelFolder())
 
         self._connectors = {name: connector(getattr(self.ui, widgetName))
                             for name, (widgetName, connector) in MANUAL_BINDINGS.items()}
@@ -348,6 +349,13 @@ class CTXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._connectors["methodSettings"].build(method if spec else "", spec["settings"] if spec else [],
                                                  self._parameterNode.methodSettings)
         self._formMethod = method
+
+    def _pickModelFolder(self):
+        """An nnU-Net results folder as the model: ctkPathLineEdit's own browse button opens files only."""
+        start = str(self._parameterNode.modelPath) if self._parameterNode else ""
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("nnU-Net v2 results folder"), start)
+        if folder:
+            self._parameterNode.modelPath = Path(folder)
 
     def _useBundledModel(self, name):
         self._runWithErrorDisplay(_("The bundled model is missing."),

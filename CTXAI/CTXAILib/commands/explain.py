@@ -90,7 +90,7 @@ def _cmd_methods(args) -> int:
 def _cmd_layers(args) -> int:
     from ..engine.models import load_model
 
-    model = load_model(args.model, trust_code=args.trust_bundle_code)
+    model = load_model(args.model, trust_code=args.trust_bundle_code, fold=args.fold)
     infos = model.layers()
     default = model.default_layer()
     if args.json:
@@ -137,7 +137,7 @@ def _cmd_explain(args) -> int:
             raise InputError(f"Reference mask {args.reference_mask} does not have the geometry of volume "
                              f"{args.volume} (shape and IJK-to-RAS must match). Resample it onto the volume first.")
         reference = np.asarray(reference_volume.array) > 0
-    model = load_model(args.model, trust_code=args.trust_bundle_code)
+    model = load_model(args.model, trust_code=args.trust_bundle_code, fold=args.fold)
     # Check names are resolved before anything is written: a misspelt one costs no run and no folder.
     checks = resolve_checks(list(args.checks or []) + (["faithfulness"] if args.quality else []), model.card.task,
                             reference is not None)
@@ -178,6 +178,18 @@ def _cmd_explain(args) -> int:
     return 0
 
 
+_MODEL_HELP = ("model card (.json), weights file, MONAI bundle folder, or nnU-Net v2 results folder "
+               "(DatasetXXX/TRAINER__PLANS__CONFIG)")
+_FOLD_HELP = ("nnU-Net results folder: fold number, or 'all' for the fold ensemble (the mean of the folds' maps); "
+              "default: the only fold, else fold 0")
+
+
+def _fold(text: str) -> int | str:
+    if text == "all" or text.isdigit():
+        return int(text) if text.isdigit() else text
+    raise argparse.ArgumentTypeError(f"--fold must be a fold number or 'all', got {text!r}")
+
+
 def _check_names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
@@ -204,16 +216,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_cmd_checks)
 
     p = sub.add_parser("layers", help="list a model's layers with output shapes (* = default CAM layer)")
-    p.add_argument("--model", required=True, help="model card (.json), weights file or MONAI bundle folder")
+    p.add_argument("--model", required=True, help=_MODEL_HELP)
     p.add_argument("--trust-bundle-code", action="store_true", help=_TRUST)
+    p.add_argument("--fold", type=_fold, help=_FOLD_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_cmd_layers)
 
     p = sub.add_parser("explain", help="explain one target on one volume")
     p.add_argument("--volume", required=True, help=VOLUME_HELP)
     add_volume_options(p)
-    p.add_argument("--model", required=True, help="model card (.json), weights file or MONAI bundle folder")
+    p.add_argument("--model", required=True, help=_MODEL_HELP)
     p.add_argument("--trust-bundle-code", action="store_true", help=_TRUST)
+    p.add_argument("--fold", type=_fold, help=_FOLD_HELP)
     p.add_argument("--method", required=True, help="method name (see `ctxai methods`)")
     p.add_argument("--target", help="class name or number (default: the predicted class / first foreground class)")
     p.add_argument("--contrast", help="explain TARGET minus this class ('why pore, not crack')")

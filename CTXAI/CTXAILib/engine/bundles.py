@@ -367,7 +367,7 @@ def read_bundle(folder: str | Path, trust_code: bool = False) -> Bundle:
     configs = folder / "configs"
     if not (configs / "metadata.json").is_file():
         raise ModelError(f"{folder} is a directory, not a model file or a MONAI bundle (no configs/metadata.json). "
-                         "Give a model card (.json), a weights file or a bundle folder.")
+                         "Give a model card (.json), a weights file, a bundle folder or an nnU-Net results folder.")
     config_file = next((configs / n for n in _CONFIGS if (configs / n).is_file()), None)
     if config_file is None:
         raise ModelError(f"Bundle {folder} has no configs/inference.json (or .yaml), which says how the model is "

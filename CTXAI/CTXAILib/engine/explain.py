@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +27,8 @@ from .geometry import Box, Volume
 from .methods.registry import MethodSpec, TileContext, VolumeContext, get_method
 from .modelcard import Normalization
 from .models import LoadedModel, load_model
-from .progress import CancelToken, ProgressCallback, RunMonitor
+from .progress import CancelToken, Progress, ProgressCallback, RunMonitor
+from .resample import ModelGrid
 from .runtime import MemoryBudget, activation_bytes, autocast, is_out_of_memory, resolve_device, with_backoff
 from .signs import SIGNS
 from .sliding import TileGrid, batched, crop_padded, predict_tiles
@@ -138,6 +139,8 @@ class Explanation:
     output: str = "full"
     # How the run was tiled and batched (overlap, halo, min_tile_share, memory_mb): what re-running it needs.
     window: dict[str, Any] = field(default_factory=dict)
+    resampling: dict[str, Any] | None = None  # the grids, when the card resamples to its spacing (engine/resample.py)
+    ensemble: dict[str, Any] | None = None    # the members and how their maps were combined, for a fold ensemble
 
     @property
     def signed(self) -> bool:
@@ -228,6 +231,8 @@ class Explainer:
         patch = self.model.card.patch_shape
         self.halo = halo if halo is not None else (min(patch) // 8 if patch else 0)
         self._prepared: _Prepared | None = None
+        self._model_grid: tuple[str, ModelGrid, Volume] | None = None  # input digest, grids, resampled input
+        self._members: list[Explainer] | None = None
         self._per_sample: dict[tuple, int] = {}
         # (patch, backward) -> (fastest batch, largest tried, its seconds per sample, seconds the search took)
         self._fastest: dict[tuple, tuple[int, int, float, float]] = {}
@@ -272,6 +277,67 @@ class Explainer:
         air = float(normalization.apply(card.raw_air(float(np.min(volume.array)))))
         self._prepared = _Prepared(volume, x, sha, air, normalization)
         return self._prepared
+
+    def model_grid(self, volume: Volume) -> tuple[ModelGrid, Volume] | None:
+        """The grids and ``volume`` resampled to the card's spacing, when the card asks for it and the volume is
+        elsewhere; None otherwise. The last volume's are kept."""
+        card = self.model.card
+        if (not card.resample_to_spacing or not isinstance(volume, Volume)
+                or (self._model_grid is not None and volume is self._model_grid[2])):
+            return None  # the resampled volume itself is on the model's grid, whatever its rounded spacing says
+        grid = ModelGrid.between(volume, card.spacing_mm)
+        if not grid.needed:
+            return None
+        sha = volume_sha256(volume)
+        if self._model_grid is None or self._model_grid[0] != sha:
+            self._model_grid = (sha, grid, grid.to_model(volume))
+        return self._model_grid[1], self._model_grid[2]
+
+    def _explain_resampled(self, volume: Volume, grid: ModelGrid, model_volume: Volume, target: Target | None,
+                           output: str, explain: Callable[..., Explanation]) -> Explanation:
+        """Explain on the model grid, then bring the maps, the extent and the target back to the input's grid."""
+        target = target if isinstance(target, Target) else Target(target)
+        inner = explain(model_volume, grid.target(target), "full")
+        attribution = grid.to_input(inner.attribution.array, volume)
+        scale = grid.scale[::-1]
+        lo = np.floor(np.asarray(inner.extent.lo) * scale + 1e-9).astype(int)
+        hi = np.ceil(np.asarray(inner.extent.hi) * scale - 1e-9).astype(int)
+        extent = Box(tuple(lo), tuple(hi)).clip(volume.shape)
+        fixed = None if inner.fixed_target is None else grid.fixed(inner.fixed_target)
+        described = dict(inner.target, region=target.region.describe())
+        if fixed is not None:
+            described["box"] = [list(fixed.region.box.lo), list(fixed.region.box.hi)]
+        return replace(inner, attribution=attribution.crop(extent) if output == "extent" else attribution,
+                       confidence=None if inner.confidence is None else grid.to_input(inner.confidence.array, volume),
+                       extent=extent, target=described, fixed_target=fixed, input_sha256=self._model_grid[0],
+                       warnings=[grid.message()] + inner.warnings, resampling=grid.describe())
+
+    def _explain_members(self, volume: Volume, target: Target | None, progress: ProgressCallback | None,
+                         explain: Callable[..., Explanation]) -> Explanation:
+        """A fold ensemble: each member explains the same voxels (the first one's resolved target); the map and the
+        confidence are the mean of theirs."""
+        if self._members is None:
+            self._members = [self.variant(member) for member in self.model.members]
+        runs: list[Explanation] = []
+        for index, member in enumerate(self._members):
+            def scaled(report: Progress, index: int = index) -> None:
+                if progress is not None:
+                    progress(Progress((index + report.fraction) / len(self._members),
+                                      f"fold {index + 1}/{len(self._members)}: {report.message}", None))
+
+            runs.append(explain(member, target if not runs else runs[0].fixed_target, scaled))
+        first, count = runs[0], len(runs)
+        attribution = first.attribution.with_array(sum(run.attribution.array for run in runs) / np.float32(count))
+        confidence = None if first.confidence is None else first.confidence.with_array(
+            sum(run.confidence.array for run in runs) / np.float32(count))
+        names = [member.card.name for member in self.model.members]
+        timings = {key: sum(run.timings.get(key, 0.0) for run in runs) for key in first.timings}
+        note = (f"Fold ensemble: the map and the confidence are the mean of the {count} members' ({', '.join(names)}), "
+                "each explaining the voxels the first one resolved; the prediction is the first member's.")
+        return replace(first, attribution=attribution, confidence=confidence, timings=timings,
+                       warnings=list(dict.fromkeys(first.warnings + [note])),
+                       ensemble={"members": names, "combine": "mean of the members' maps and confidences",
+                                 "predictions": [run.prediction for run in runs]})
 
     def _spacing_warnings(self, volume: Volume) -> list[str]:
         expected = self.model.card.spacing_mm
@@ -483,6 +549,18 @@ class Explainer:
         given, measures the map over the extent (e.g. :func:`CTXAILib.checks.faithfulness.faithfulness_check`) and
         its dictionary becomes the explanation's ``quality``.
         """
+        def again(volume_: Volume, target_: Target | None, output_: str = output,
+                  explainer: Explainer = self, progress_: ProgressCallback | None = progress) -> Explanation:
+            return explainer.explain(volume_, method, target_, layer, settings, progress_, cancel, seed, output_,
+                                     evaluate)
+
+        if self.model.members:
+            return self._explain_members(volume, target, progress,
+                                         lambda member, target_, progress_: again(volume, target_, explainer=member,
+                                                                                  progress_=progress_))
+        resampled = self.model_grid(volume)
+        if resampled is not None:
+            return self._explain_resampled(volume, *resampled, target, output, again)
         started = time.perf_counter()
         spec = get_method(method)
         values = spec.validate(settings)
@@ -588,7 +666,20 @@ class Explainer:
         """A segmentation model's predicted mask (k, j, i) of one class over the whole volume (cached prediction)."""
         if self.model.card.task != "segmentation":
             raise MethodError(f"Model {self.model.card.name!r} is a classifier: it predicts no mask.")
-        return self._class_masks(self.segmentation_probabilities(self.prepare(volume)))(class_index)
+        if self.model.members:
+            members = self._members or [self.variant(member) for member in self.model.members]
+            self._members = members
+            mean = sum(member._input_probabilities(volume) for member in members) / np.float32(len(members))
+            return self._class_masks(mean)(class_index)
+        return self._class_masks(self._input_probabilities(volume))(class_index)
+
+    def _input_probabilities(self, volume: Volume) -> np.ndarray:
+        """Segmentation probabilities (classes, K, J, I) on the input's grid (resampled back if the card asks)."""
+        resampled = self.model_grid(volume)
+        if resampled is None:
+            return self.segmentation_probabilities(self.prepare(volume))
+        grid, model_volume = resampled
+        return grid.to_input(self.segmentation_probabilities(self.prepare(model_volume)), volume).array
 
     def _class_masks(self, probabilities: np.ndarray) -> Callable[[int], np.ndarray]:
         def mask(index: int) -> np.ndarray:

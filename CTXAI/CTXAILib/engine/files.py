@@ -1,16 +1,18 @@
 """Input files checked before they are opened: a device, a FIFO or a folder given as a model or a volume would
-hang a reader (``/dev/zero`` never ends) or fail deep inside it with a traceback."""
+hang a reader (``/dev/zero`` never ends) or fail deep inside it with a traceback; a damaged archive would load; a
+file's digest is what records and cards name it by."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import stat
+import zipfile
 from pathlib import Path
 
-from ..errors import CTXAIError
+from ..errors import CTXAIError, ModelError
 
-__all__ = ["regular_file", "sha256_file", "sha256_path"]
+__all__ = ["regular_file", "check_archive", "sha256_file", "sha256_path"]
 
 
 def regular_file(path: str | os.PathLike, what: str, error: type[CTXAIError]) -> Path:
@@ -55,3 +57,21 @@ def sha256_path(path: str | os.PathLike) -> str:
     for member in sorted(p for p in path.rglob("*") if p.is_file()):
         digest.update(f"{member.relative_to(path).as_posix()}\0{sha256_file(member)}\n".encode())
     return digest.hexdigest()
+
+
+def check_archive(path: Path) -> None:
+    """Refuse a zip archive (TorchScript and torch.save both write one) whose members fail their CRC: torch reads
+    tensors without checking it, so a damaged file would load and predict garbage without a word."""
+    with open(path, "rb") as handle:
+        is_zip = handle.read(4) == b"PK\x03\x04"
+    if not is_zip:
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, EOFError) as exc:
+        raise ModelError(f"Model file {path} is a damaged or truncated archive ({exc}). Copy the file again or "
+                         "re-export the model.") from exc
+    if damaged is not None:
+        raise ModelError(f"Model file {path} is damaged: member {damaged!r} of its archive fails its CRC check. "
+                         "Copy the file again or re-export the model.")

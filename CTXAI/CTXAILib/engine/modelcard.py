@@ -11,6 +11,7 @@ Schema (every key is validated on load; an error names the file, the key and the
       "input_channels": 1,
       "patch_size": [48, 48, 48],                  # voxels along i, j, k (null: any size, whole volume at once)
       "spacing_mm": [0.2, 0.2, 0.2],               # voxel spacing the model was trained at, along i, j, k (optional)
+      "resample_to_spacing": false,                # true: resample inputs to spacing_mm, maps back (engine/resample.py)
       "normalization": {"type": "window", "window": [-1000, 4000]}
                      | {"type": "meanstd", "mean": 1200.0, "std": 1500.0}
                      | {"type": "minmax"} | {"type": "minmax", "range": [0, 65535]}
@@ -162,6 +163,7 @@ class ModelCard:
     input_channels: int = 1
     patch_size: tuple[int, int, int] | None = None
     spacing_mm: tuple[float, float, float] | None = None
+    resample_to_spacing: bool = False
     normalization: Normalization = field(default_factory=Normalization)
     air_value: float | None = None
     output_activation: str = "softmax"
@@ -268,6 +270,9 @@ class ModelCard:
                                  " naming the network class (e.g. ctxai.UNet3D or monai.networks.nets.UNet).")
             if not isinstance(architecture.get("params", {}), dict):
                 raise ModelError(f"{where}: 'architecture.params' must be an object of keyword arguments.")
+        resample = check("resample_to_spacing", bool) or False
+        if resample and data.get("spacing_mm") is None:
+            raise ModelError(f"{where}: 'resample_to_spacing' needs 'spacing_mm', the spacing to resample to.")
         sha = check("sha256", str)
         if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha.lower())):
             raise ModelError(f"{where}: 'sha256' must be 64 hexadecimal digits, got {sha!r}.")
@@ -280,6 +285,7 @@ class ModelCard:
             input_channels=channels,
             patch_size=triple("patch_size", int),
             spacing_mm=triple("spacing_mm", float),
+            resample_to_spacing=resample,
             normalization=_normalization(data.get("normalization"), where),
             air_value=check("air_value", (int, float)),
             output_activation=choice("output_activation", ACTIVATIONS, "softmax"),
@@ -296,6 +302,8 @@ class ModelCard:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("path")
+        if not self.resample_to_spacing:
+            data.pop("resample_to_spacing")
         data["normalization"] = self.normalization.to_dict()
         for key in ("patch_size", "spacing_mm"):
             data[key] = None if data[key] is None else list(data[key])

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import LayerError, ModelError
 from .bundles import read_bundle
-from .files import regular_file, sha256_file
+from .files import check_archive, regular_file, sha256_file
 from .modelcard import ModelCard
 from .networks import build_architecture
 from .scripted import EagerTwin, eager_twin
@@ -81,7 +81,7 @@ class LoadedModel:
     """
 
     def __init__(self, module: nn.Module, card: ModelCard, sha256: str, device: torch.device | str = "cpu",
-                 warnings_: list[str] | None = None):
+                 warnings_: list[str] | None = None, members: list[LoadedModel] | None = None):
         self.card = card
         self._torchscript = isinstance(module, torch.jit.ScriptModule)
         self.twin: EagerTwin | None = None
@@ -95,6 +95,9 @@ class LoadedModel:
             parameter.requires_grad_(False)  # attributions need input gradients only; this halves backward work
         self.sha256 = sha256
         self.warnings = list(warnings_ or [])
+        # An ensemble (an nnU-Net's folds): ``module`` is the first member's network, for layers and the output check;
+        # the explainer explains with each member and averages their maps.
+        self.members = list(members or [])
         self.device = torch.device("cpu")
         self._layers: dict[tuple, list[LayerInfo]] = {}
         self._output_checked = False
@@ -231,12 +234,25 @@ class LoadedModel:
         return modules[name]
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu", trust_code: bool = False) -> LoadedModel:
-    """Load a model from its card (``.json``), its weights file (card found beside it, if any) or a MONAI bundle
-    folder (:mod:`.bundles`; ``trust_code`` lets the Python expressions of its config run).
+def load_model(path: str | Path, device: torch.device | str = "cpu", trust_code: bool = False,
+               fold: int | str | None = None) -> LoadedModel:
+    """Load a model from its card (``.json``), its weights file (card found beside it, if any), a MONAI bundle
+    folder (:mod:`.bundles`; ``trust_code`` lets the Python expressions of its config run) or an nnU-Net v2 results
+    folder (:mod:`.nnunet`; ``fold``: a number, ``"all"`` for the fold ensemble, None for the only fold or fold 0).
 
     Raises :class:`ModelError` for a missing, corrupt or mismatching file, with what to do about it.
     """
+    if Path(path).is_dir() and (Path(path) / "plans.json").is_file():
+        from .nnunet import read_results_folder
+
+        folds, ensemble, notes = read_results_folder(path, fold)
+        members = [LoadedModel(member.module, member.card, member.sha256, device, notes) for member in folds]
+        if ensemble is None:
+            return members[0]
+        return LoadedModel(members[0].module, ensemble[0], ensemble[1], device, notes, members=members)
+    if fold is not None:
+        raise ModelError(f"A fold ({fold}) was given, but {path} is not an nnU-Net results folder (no plans.json). "
+                         "Leave the fold out, or give the folder TRAINER__PLANS__CONFIG.")
     bundle = read_bundle(path, trust_code) if Path(path).is_dir() else None
     if bundle is not None:
         card = bundle.card
@@ -254,7 +270,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", trust_code:
         card = ModelCard.load(card_path) if card_path else None
 
     digest = sha256_file(weights)
-    _check_archive(weights)
+    check_archive(weights)
     if card is not None and card.sha256 and card.sha256 != digest:
         raise ModelError(f"Weights {weights} do not match their model card: sha256 is {digest}, the card says "
                          f"{card.sha256}. The file is corrupt or was replaced; restore it, or update 'sha256' in "
@@ -275,24 +291,6 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", trust_code:
                              f"{card.architecture.get('params', {})}: {detail}. Fix 'architecture' in the card "
                              "or use the matching weights.") from exc
     return LoadedModel(module, card, digest, device, bundle.warnings if bundle is not None else None)
-
-
-def _check_archive(path: Path) -> None:
-    """Refuse a zip archive (TorchScript and torch.save both write one) whose members fail their CRC: torch reads
-    tensors without checking it, so a damaged file would load and predict garbage without a word."""
-    with open(path, "rb") as handle:
-        is_zip = handle.read(4) == b"PK\x03\x04"
-    if not is_zip:
-        return
-    try:
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
-    except (zipfile.BadZipFile, EOFError) as exc:
-        raise ModelError(f"Model file {path} is a damaged or truncated archive ({exc}). Copy the file again or "
-                         "re-export the model.") from exc
-    if damaged is not None:
-        raise ModelError(f"Model file {path} is damaged: member {damaged!r} of its archive fails its CRC check. "
-                         "Copy the file again or re-export the model.")
 
 
 def _jit_load(path: Path) -> torch.jit.ScriptModule:

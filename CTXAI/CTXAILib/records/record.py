@@ -20,7 +20,8 @@ from ..engine.models import LoadedModel
 
 __all__ = ["run_record", "library_versions", "write_json"]
 
-_LIBRARIES = ("ctxai", "torch", "captum", "numpy", "scipy", "SimpleITK", "scikit-image", "scikit-learn", "monai")
+_LIBRARIES = ("ctxai", "torch", "captum", "numpy", "scipy", "SimpleITK", "scikit-image", "scikit-learn", "monai",
+              "nnunetv2")
 
 
 def library_versions() -> dict[str, str]:
@@ -65,6 +66,8 @@ def run_record(result: Explanation, volume: Volume, model: LoadedModel, outputs:
         "seed": result.seed,
         "output": result.output,
         "window": result.window,
+        **({"resampling": result.resampling} if result.resampling else {}),
+        **({"ensemble": result.ensemble} if result.ensemble else {}),
         "device": device,
         "precision": result.precision,
         "versions": library_versions(),

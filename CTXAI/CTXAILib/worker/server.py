@@ -179,24 +179,26 @@ class Worker:
         return array
 
     def explainer(self, model: str, device: str = "auto", precision: str = "fp32",
-                  memory_mb: float | None = None, trust_code: bool = False) -> tuple[Any, bool]:
-        """The cached explainer of a model file, reloaded only when the file (any file of a bundle folder), the
-        device or the trust in a bundle's code changed; and whether it was reused. Precision and memory budget are
-        run settings: they never force a reload."""
+                  memory_mb: float | None = None, trust_code: bool = False,
+                  fold: int | str | None = None) -> tuple[Any, bool]:
+        """The cached explainer of a model file (or folder: a bundle, an nnU-Net results folder and ``fold``),
+        reloaded only when the file (any file of a folder), the device, the fold or the trust in a bundle's code
+        changed; and whether it was reused. Precision and memory budget are run settings: they never force a
+        reload."""
         from ..engine.explain import Explainer
         from ..engine.models import load_model
         from ..engine.runtime import MemoryBudget
 
         path = Path(model).resolve()
         files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path] if path.exists() else []
-        key = (str(path), max((p.stat().st_mtime_ns for p in files), default=0), device, bool(trust_code))
+        key = (str(path), max((p.stat().st_mtime_ns for p in files), default=0), device, bool(trust_code), fold)
         explainer = self._explainers.get(key)
         if explainer is not None:
             explainer.precision = precision
             explainer.budget = MemoryBudget.default(explainer.device, memory_mb)
             return explainer, True
-        explainer = Explainer(load_model(path, trust_code=bool(trust_code)), device=device, precision=precision,
-                              memory_mb=memory_mb)
+        explainer = Explainer(load_model(path, trust_code=bool(trust_code), fold=fold), device=device,
+                              precision=precision, memory_mb=memory_mb)
         # One warm model per file: a changed file or another device replaces the previous entry.
         self._explainers = {k: v for k, v in self._explainers.items() if k[0] != key[0]}
         self._explainers[key] = explainer
@@ -206,7 +208,8 @@ class Worker:
         from ..checks.profile import read_profile
 
         explainer, reused = self.explainer(request["model"], request.get("device", "auto"),
-                                           trust_code=request.get("trust_bundle_code", False))
+                                           trust_code=request.get("trust_bundle_code", False),
+                                           fold=request.get("fold"))
         model = explainer.model
         profile = read_profile(request["model"], model.sha256) if str(request["model"]).endswith(".json") else None
         return {"card": model.card.to_dict(), "sha256": model.sha256, "torchscript": model.is_torchscript,
@@ -233,7 +236,7 @@ class Worker:
 
         explainer, reused = self.explainer(request["model"], request.get("device", "auto"),
                                            request.get("precision", "fp32"), request.get("memory_mb"),
-                                           request.get("trust_bundle_code", False))
+                                           request.get("trust_bundle_code", False), request.get("fold"))
         spec = request["volume"]
         out_dir = self._exchange_path(request["out_dir"], "Output folder")
         volume = Volume(self._load_array(spec["path"], "Volume array"), spec["spacing"], spec["origin"],
