@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from ..errors import InputError
 
-__all__ = ["BENCH_SEED", "CLASSIFIER_METHODS", "UNET_METHODS_CPU", "UNET_METHODS_CUDA", "OCCLUSION",
+__all__ = ["BENCH_SEED", "LOADED", "LOAD_PROCESSES", "CLASSIFIER_METHODS", "UNET_METHODS_CPU", "UNET_METHODS_CUDA", "OCCLUSION",
            "OCCLUSION_ENGINES", "BATCHES", "UNET_SHAPES", "OCCLUSION_PATCH", "QUICK_BATCHES", "Case", "plan_cases",
            "select_cases"]
 
@@ -20,6 +20,9 @@ CLASSIFIER_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("gradcam", {}), ("gradcam_plus_plus", {}), ("saliency", {}), ("integrated_gradients", {"steps": 32}),
     ("smoothgrad", {"samples": 16}), ("gradient_shap", {"samples": 16}), ("deeplift", {}), ("lrp", {}),
     ("lime", {"samples": 500}))
+LOADED = ("integrated_gradients", {"steps": 32})
+"""The case timed again while :data:`LOAD_PROCESSES` busy processes compete for the CPU (a shared machine)."""
+LOAD_PROCESSES = 2
 UNET_METHODS_CPU = ("saliency", "gradcam", "confidence")
 UNET_METHODS_CUDA = tuple(name for name, _ in CLASSIFIER_METHODS) + ("confidence",)
 OCCLUSION = {"window": 8, "stride": 4}
@@ -60,6 +63,7 @@ class Case:
     precision: str = "fp32"
     repeats: int = 3
     batches: list[int] = field(default_factory=lambda: list(BATCHES))
+    load: int = 0               # busy processes that compete for the CPU while the case is timed
 
     @property
     def rows(self) -> list[str]:
@@ -75,6 +79,11 @@ def plan_cases(device_type: str, quick: bool = False) -> tuple[list[Case], list[
     cases = [Case(f"classifier-{name}", "classifier", shape, name,
                   [{"row": f"classifier-{name}", "settings": dict(settings), "heavy": False}])
              for name, settings in classifier]
+    if not quick:
+        name, settings = LOADED
+        cases.append(Case(f"classifier-{name}-loaded", "classifier", shape, name,
+                          [{"row": f"classifier-{name}-loaded", "settings": dict(settings), "heavy": False}],
+                          load=LOAD_PROCESSES))
     cases.append(Case("occlusion", "classifier48", shape, "occlusion",
                       [{"row": f"occlusion-{engine}", "settings": {**occlusion, "engine": engine},
                         "heavy": cpu and engine == "exhaustive"} for engine in OCCLUSION_ENGINES],

@@ -5,12 +5,13 @@ a run's model passes)."""
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
-__all__ = ["elapsed", "rss_mib", "own_peak_mib", "counting", "Measure", "Limit"]
+__all__ = ["elapsed", "rss_mib", "own_peak_mib", "counting", "competing_load", "Measure", "Limit"]
 
 
 # Stop trying larger batches once one batch takes this long: on a CPU a 3-D network is already compute-bound there,
@@ -62,6 +63,20 @@ def counting(module, counts: list[int]) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def competing_load(processes: int) -> Iterator[None]:
+    """``processes`` busy Python processes (each spins one core) for the duration: a machine shared with others."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for process in busy:
+            process.kill()
+        for process in busy:
+            process.wait()
 
 
 @dataclass
