@@ -15,8 +15,10 @@ __all__ = ["elapsed", "rss_mib", "own_peak_mib", "counting", "competing_load", "
 
 
 # Stop trying larger batches once one batch takes this long: on a CPU a 3-D network is already compute-bound there,
-# and the search would cost more than the run it bounds.
+# and the search would cost more than the run it bounds. Sizes up to _MIN_SEARCH are measured whatever they take:
+# on a busy machine each call pays a delay of its own, which makes batch 1 look slow and would stop the search there.
 _SEARCH_BATCH_S = 4.0
+_MIN_SEARCH = 8
 
 
 def _sync(device) -> None:
@@ -124,7 +126,8 @@ class Limit:
         return elapsed(step, self.device)[0]
 
     def search(self) -> None:
-        """Time each batch size (best of two) until one runs out of memory or takes too long."""
+        """Time each batch size (best of two) until one runs out of memory or, from :data:`_MIN_SEARCH` on, takes
+        too long."""
         from ..engine.runtime import is_out_of_memory
 
         for batch in self.batches:
@@ -137,7 +140,7 @@ class Limit:
             self.per_sample[batch] = seconds / batch
             if seconds / batch < self.per_sample.get(self.best, float("inf")):
                 self.best = batch
-            if seconds > _SEARCH_BATCH_S:
+            if seconds > _SEARCH_BATCH_S and batch >= _MIN_SEARCH:
                 break
 
     def run(self) -> float:
