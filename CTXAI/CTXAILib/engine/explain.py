@@ -49,6 +49,13 @@ def volume_sha256(volume: Volume) -> str:
     return digest.hexdigest()
 
 
+def _all_finite(array: np.ndarray) -> bool:
+    """No NaN or Inf in a map of shape (..., K, J, I); checked slab by slab, so that no volume-sized mask is made."""
+    if array.ndim < 3:
+        return bool(np.isfinite(array).all())
+    return all(np.isfinite(array[..., k:k + 16, :, :]).all() for k in range(0, array.shape[-3], 16))
+
+
 def activate(output: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "softmax":
         return torch.softmax(output, dim=1)
@@ -237,9 +244,8 @@ class Explainer:
                              f"{'scalar' if card.input_channels == 1 else f'{card.input_channels}-component'} volume.")
         if not np.issubdtype(volume.array.dtype, np.number) or np.issubdtype(volume.array.dtype, np.complexfloating):
             raise InputError(f"Volume voxels must be real numbers, got dtype {volume.array.dtype}.")
-        finite = not np.issubdtype(volume.array.dtype, np.floating) or all(
-            np.isfinite(volume.array[..., k:k + 16, :, :]).all() for k in range(0, volume.shape[0], 16))
-        if not finite:  # checked slab by slab above: a mask of the whole part is only made to report the first one
+        finite = not np.issubdtype(volume.array.dtype, np.floating) or _all_finite(volume.array)
+        if not finite:  # checked slab by slab: a mask of the whole part is only made to report the first one
             bad = ~np.isfinite(volume.array)
             first = np.argwhere(bad)[0][-3:][::-1]
             raise InputError(f"The volume has {int(bad.sum())} NaN or infinite voxel(s), the first at voxel "
@@ -249,7 +255,13 @@ class Explainer:
         if self._prepared is not None and self._prepared.sha256 == sha:
             return self._prepared
         array = volume.array if volume.array.ndim == 4 else volume.array[None]
-        x = torch.from_numpy(card.normalization.apply(array))[None]
+        if card.normalization.type == "none" and array.dtype == np.float32:
+            normalised = array
+        else:  # slab by slab: normalising a whole part at once makes two more volume-sized temporaries
+            normalised = np.empty(array.shape, np.float32)
+            for k in range(0, array.shape[1], 16):
+                normalised[:, k:k + 16] = card.normalization.apply(array[:, k:k + 16])
+        x = torch.from_numpy(normalised)[None]
         air = float(card.normalization.apply(card.raw_air(float(np.min(volume.array)))))
         self._prepared = _Prepared(volume, x, sha, air)
         return self._prepared
@@ -372,18 +384,18 @@ class Explainer:
                 # A first pass measures the batch size on its own tiles: no time on made-up input before it starts.
                 batches = self._batch_search(grid.patch, False, limit, len(grid.tiles))
                 probabilities = predict_tiles(self._run_model, prepared.x, grid, Box.whole(prepared.volume.shape),
-                                              batches, monitor.tick)
+                                              batches, monitor.tick, dtype=np.float16)
                 if isinstance(batches, BatchSearch):
                     self._keep_search(grid.patch, False, batches)
                 return probabilities
 
             prepared.probabilities = with_backoff(predict, self._forward_limit(grid.patch),
-                                                  on_retry=lambda _b: monitor.rewind(start)).astype(np.float16)
+                                                  on_retry=lambda _b: monitor.rewind(start))
             self._check_finite(prepared.probabilities, Box.whole(prepared.volume.shape))
         return prepared.probabilities
 
     def _check_finite(self, output: np.ndarray, extent: Box) -> None:
-        if np.isfinite(output).all():
+        if _all_finite(output):
             return
         if output.ndim == 4:  # a segmentation map: name the first voxel, in IJK like every other place
             k, j, i = np.argwhere(~np.isfinite(output).any(axis=0))[0]
@@ -522,11 +534,11 @@ class Explainer:
             result = self._run_tiles(spec, values, prepared, plan, layer_module, activation, baselines, monitor, seed)
         timings["explain_s"] = time.perf_counter() - t0
         warnings += baselines.warnings()
-        if spec.absolute:
-            result = np.abs(result)
+        if spec.absolute:  # a tile method's map is the run's own array: no copy of a large map
+            result = np.abs(result, out=result if spec.aggregation != "volume" else None)
         # One map per voxel: the input channels' attributions add up (one channel: no copy of a large map).
         result = result[0] if result.shape[0] == 1 else result.sum(axis=0)
-        if not np.all(np.isfinite(result)):
+        if not _all_finite(result):
             hint = "try fp32 precision or other settings" if self.precision != "fp32" else "try other settings"
             raise MethodError(f"{spec.label} produced non-finite values on this input (numerical overflow); "
                               f"{hint}.")
@@ -650,7 +662,7 @@ class Explainer:
                 TileGrid.accumulate(total[:values_np.shape[0]], plan.extent, tile, values_np * blend)
                 TileGrid.accumulate(weight_sum, plan.extent, tile, blend)
         if spec.aggregation == "blend":
-            total = total / np.maximum(weight_sum, 1e-12)
+            total /= np.maximum(weight_sum, 1e-12, out=weight_sum)
         self._recheck(plan.grid.patch, True, monitor.done - done, time.perf_counter() - started)
         return total
 
