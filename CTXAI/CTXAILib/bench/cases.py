@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from ..errors import InputError
 
-__all__ = ["BENCH_SEED", "LOADED", "LOAD_PROCESSES", "CLASSIFIER_METHODS", "UNET_METHODS_CPU", "UNET_METHODS_CUDA", "OCCLUSION",
+__all__ = ["BENCH_SEED", "LOADED", "LOAD_PROCESSES", "MEMORY_SHAPES", "MEMORY_BOUND", "CLASSIFIER_METHODS", "UNET_METHODS_CPU", "UNET_METHODS_CUDA", "OCCLUSION",
            "OCCLUSION_ENGINES", "BATCHES", "UNET_SHAPES", "OCCLUSION_PATCH", "QUICK_BATCHES", "Case", "plan_cases",
            "select_cases"]
 
@@ -23,6 +23,12 @@ CLASSIFIER_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
 LOADED = ("integrated_gradients", {"steps": 32})
 """The case timed again while :data:`LOAD_PROCESSES` busy processes compete for the CPU (a shared machine)."""
 LOAD_PROCESSES = 2
+MEMORY_SHAPES = (128, 512)
+"""Memory-only cases (``memoryN``): the U-Net's saliency at one voxel of a whole part, through ``ctxai explain``'s
+path (every volume-sized array of a run, its files written), the part the 128³ phantom repeated to N³, its tiles
+abutting (the memory does not depend on their number, the time does). 128³ measures the model's working set."""
+MEMORY_BOUND = 1.5
+"""The bound on (peak RSS at 512³ - peak RSS at 128³) / the 512³ volume's float32 size."""
 UNET_METHODS_CPU = ("saliency", "gradcam", "confidence")
 UNET_METHODS_CUDA = tuple(name for name, _ in CLASSIFIER_METHODS) + ("confidence",)
 OCCLUSION = {"window": 8, "stride": 4}
@@ -64,6 +70,8 @@ class Case:
     repeats: int = 3
     batches: list[int] = field(default_factory=lambda: list(BATCHES))
     load: int = 0               # busy processes that compete for the CPU while the case is timed
+    memory_only: bool = False   # a fresh process's peak memory through ctxai explain's path; nothing is timed
+    overlap: float = 0.25       # of the sliding window's tiles
 
     @property
     def rows(self) -> list[str]:
@@ -90,6 +98,10 @@ def plan_cases(device_type: str, quick: bool = False) -> tuple[list[Case], list[
                       heavy_references=cpu))
     settings = dict(CLASSIFIER_METHODS)
     skipped = []
+    if not quick:
+        cases += [Case(f"memory{size}", "unet", size, "saliency",
+                       [{"row": f"memory{size}", "settings": {}, "heavy": True}], memory_only=True, overlap=0.0)
+                  for size in MEMORY_SHAPES]
     for size in ((_QUICK_SHAPE,) if quick else UNET_SHAPES):
         heavy = cpu and size >= 256
         wanted = _QUICK_UNET if quick else (UNET_METHODS_CPU if cpu else UNET_METHODS_CUDA)

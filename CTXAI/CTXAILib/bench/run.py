@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import InputError
-from .cases import (BATCHES, BENCH_SEED, LOAD_PROCESSES, OCCLUSION_PATCH, QUICK_BATCHES, UNET_METHODS_CUDA, UNET_SHAPES, Case,
+from .cases import (BATCHES, BENCH_SEED, LOAD_PROCESSES, MEMORY_BOUND, MEMORY_SHAPES, OCCLUSION_PATCH, QUICK_BATCHES, UNET_METHODS_CUDA, UNET_SHAPES, Case,
                     plan_cases, select_cases)
 from .children import run_child
 from .measure import competing_load
@@ -62,6 +62,19 @@ def _pick_defect(phantom, patch: int) -> tuple[list[int], str, dict[str, Any]]:
         raise InputError(f"The benchmark phantom (seed {phantom.seed}) has no defect to explain.")
     chosen = max(phantom.defects, key=lambda d: (TYPE_TO_CLASS[d.type] == 1, fits(d), d.voxel_count))
     return centre(chosen), CLASSIFIER_CLASSES[TYPE_TO_CLASS[chosen.type]], chosen.to_dict()
+
+
+def _repeated(ct: str, size: int, folder: Path) -> str:
+    """The phantom at ``ct`` repeated along each axis into a part of ``size``³ voxels, written uncompressed."""
+    import numpy as np
+
+    from ..engine.geometry import read_volume, write_volume
+
+    volume = read_volume(ct)
+    reps = [-(-size // n) for n in volume.shape]
+    array = np.tile(volume.array, reps)[:size, :size, :size]
+    folder.mkdir()
+    return str(write_volume(volume.with_array(np.ascontiguousarray(array)), folder / "ct.nrrd", compress=False))
 
 
 def _median(measure: dict[str, Any] | None) -> float | None:
@@ -109,6 +122,26 @@ def _row(case: Case, variant: dict[str, Any], memory: dict[str, Any], memory_rss
     return entry
 
 
+def _memory_row(case: Case, memory: dict[str, Any], rss: float) -> dict[str, Any]:
+    return {"name": case.name, "case": case.name, "model": "U-Net (64³ tiles, abutting)", "method": case.method,
+            "memory_only": True, "input_shape_kji": [case.shape] * 3, "target": case.target,
+            "volume_mib": memory["volume_mib"],
+            "engine": {"peak_rss_mib": rss, "rss_before_run_mib": memory["rss_before_run_mib"],
+                       "cold_run_s": memory["cold_s"], "cold_run_model_samples": memory["model_samples"],
+                       "cold_run_cuda_peak_mib": memory["cuda_peak_mib"]}}
+
+
+def _memory_scaling(rows: dict[str, dict]) -> dict[str, Any] | None:
+    """The large part's peak beyond the small one's (the model's working set), in volumes of the large part."""
+    small, large = (rows.get(f"memory{size}") for size in MEMORY_SHAPES)
+    if small is None or large is None:
+        return None
+    beyond = large["engine"]["peak_rss_mib"] - small["engine"]["peak_rss_mib"]
+    return {"peak_rss_mib": [small["engine"]["peak_rss_mib"], large["engine"]["peak_rss_mib"]],
+            "volume_mib": large["volume_mib"], "beyond_working_set_mib": beyond,
+            "beyond_working_set_over_volume": beyond / large["volume_mib"]}
+
+
 def _criterion(text: str, value: float | None, relation: str, bound, missing: str, note: str | None) -> dict:
     if value is None:
         passed = None
@@ -126,7 +159,8 @@ def _criterion(text: str, value: float | None, relation: str, bound, missing: st
     return entry
 
 
-def _criteria(rows: dict[str, dict], scaling: list[dict], quick: bool) -> list[dict[str, Any]]:
+def _criteria(rows: dict[str, dict], scaling: list[dict], quick: bool, memory: dict | None = None
+              ) -> list[dict[str, Any]]:
     note = "quick mode: reduced settings, not the issue's; no verdict on its targets" if quick else None
 
     def ratio(row: str, key: str) -> tuple[float | None, str]:
@@ -155,6 +189,10 @@ def _criteria(rows: dict[str, dict], scaling: list[dict], quick: bool) -> list[d
                        1.25))
         checks.append((f"U-Net {item['method']}: time 256³/128³ within ±20 % of the voxel ratio (8)",
                        item["time_ratio"], "", "between", [6.4, 9.6]))
+    small, large = MEMORY_SHAPES
+    checks.append((f"U-Net saliency on a {large}³ part: peak RSS ≤ {MEMORY_BOUND:g}× its float32 volume + the "
+                   f"working set (the {small}³ run's peak)", memory and memory["beyond_working_set_over_volume"],
+                   f"not measured: needs memory{small} and memory{large}", "<=", MEMORY_BOUND))
     if not scaling:
         checks.append(("U-Net peak RSS 256³/128³ ≤ 1.25", None, "not measured: needs U-Net rows at 128³ and 256³",
                        "<=", 1.25))
@@ -246,7 +284,9 @@ def run_bench(out: str | Path, device: str = "auto", precision: str = "fp32", re
         models = {"classifier": "classifier (32³ patch)", "classifier48": "classifier (its card with a 48³ patch)",
                   "unet": "U-Net (64³ tiles)"}
         phantoms, volumes, targets = [], {}, {}
-        for shape in sorted({case.shape for case in planned}):
+        memory_only = [case for case in planned if case.memory_only]
+        for shape in sorted({case.shape for case in planned if not case.memory_only}
+                            | ({MEMORY_SHAPES[0]} if memory_only else set())):
             log(f"generating the benchmark phantom (seed {BENCH_SEED}, {shape}³ voxels)")
             phantom = generate_phantom(BENCH_SEED, (shape,) * 3)
             volumes[shape] = str(save_phantom(phantom, workdir / f"phantom{shape}")["ct"])
@@ -256,12 +296,20 @@ def run_bench(out: str | Path, device: str = "auto", precision: str = "fp32", re
                 voxel, name, defect = _pick_defect(phantom, OCCLUSION_PATCH)
                 targets[shape] = {"class": name, "voxel": voxel}
                 phantoms[-1]["classifier_target"] = {"class": name, "voxel_ijk": voxel, "defect": defect}
+        for case in memory_only:
+            volumes[case.name] = _repeated(volumes[MEMORY_SHAPES[0]], case.shape, workdir / case.name)
         batches = list(QUICK_BATCHES if quick else BATCHES)
         rows: dict[str, dict] = {}
         for number, case in enumerate(planned, start=1):
-            case = replace(case, card=str(cards[case.model]), volume=volumes[case.shape], device=str(resolved),
+            case = replace(case, card=str(cards[case.model]), device=str(resolved),
+                           volume=volumes[case.name if case.memory_only else case.shape],
                            precision=precision, repeats=1 if quick else repeats, batches=batches,
-                           target=targets[case.shape] if case.model != "unet" else {"class": "void", "voxel": None})
+                           target=targets[case.shape] if case.model != "unet" else
+                           {"class": "void", "voxel": [case.shape // 2 - 8] * 3 if case.memory_only else None})
+            if case.memory_only:
+                log(f"[{number}/{len(planned)}] {case.name}: engine memory run (ctxai explain's path)")
+                rows[case.name] = _memory_row(case, *run_child("memory", case, workdir))
+                continue
             memory = {}
             for index, variant in enumerate(case.variants):
                 log(f"[{number}/{len(planned)}] {variant['row']}: engine memory run")
@@ -273,10 +321,12 @@ def run_bench(out: str | Path, device: str = "auto", precision: str = "fp32", re
                 result, rss = memory[variant["row"]]
                 rows[variant["row"]] = _row(case, variant, result, rss, timing, timing_rss, models)
         scaling = _scaling(rows)
+        memory = _memory_scaling(rows)
         report = {"benchmark": "ctxai bench", "machine": machine,
                   "options": {"repeats": repeats, "quick": quick, "cases": list(cases or []), "batches": batches},
                   "phantoms": phantoms, "notes": _NOTES, "rows": list(rows.values()), "skipped_rows": skipped,
-                  "unet_scaling": scaling, "criteria": _criteria(rows, scaling, quick),
+                  "unet_scaling": scaling, "memory_scaling": memory,
+                  "criteria": _criteria(rows, scaling, quick, memory),
                   "minutes": (time.perf_counter() - started) / 60}
         write_json(report, out)
         return report
@@ -298,6 +348,12 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [header, "-" * len(header)]
     notes = []
     for row in report["rows"]:
+        if row.get("memory_only"):
+            lines.append(f"{row['name']:<32s} {'-':>9s} {'-':>9s} {'-':>7s} {'-':>9s} {'-':>8s} {'-':>9s} {'-':>7s} "
+                         f"{_cell(row['engine']['peak_rss_mib'], 0):>13s}")
+            notes.append(f"  {row['name']}: memory only, {row['input_shape_kji'][0]}³ float32 part "
+                         f"({row['volume_mib']:.0f} MiB), one run in {row['engine']['cold_run_s']:.0f} s")
+            continue
         ratios = row["ratios"]
         lines.append(f"{row['name']:<32s} {_cell(row['engine']['median_s']):>9s} {_cell(row['limit']['median_s']):>9s} "
                      f"{_cell(ratios['engine_over_limit'], 2):>7s} {_cell(row['captum'].get('median_s')):>9s} "
@@ -321,6 +377,11 @@ def format_table(report: dict[str, Any]) -> str:
     for item in report["unet_scaling"]:
         notes.append(f"  U-Net {item['method']} 256³/128³: time ×{_cell(item['time_ratio'], 2)} (voxels ×8, tiles "
                      f"×{_cell(item['tile_ratio'], 2)}), peak RSS ×{_cell(item['peak_rss_ratio'], 2)}")
+    memory = report.get("memory_scaling")
+    if memory:
+        notes.append(f"  peak RSS {memory['peak_rss_mib'][1]:.0f} MiB = the working set ({memory['peak_rss_mib'][0]:.0f}"
+                     f" MiB) + {memory['beyond_working_set_over_volume']:.2f}× the volume ({memory['volume_mib']:.0f} "
+                     "MiB)")
     if notes:
         lines += ["", "notes:"] + notes
     lines += ["", "criteria (measured values, unadjusted):"]
