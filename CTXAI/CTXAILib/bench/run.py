@@ -68,13 +68,14 @@ def _repeated(ct: str, size: int, folder: Path) -> str:
     """The phantom at ``ct`` repeated along each axis into a part of ``size``³ voxels, written uncompressed."""
     import numpy as np
 
-    from ..engine.geometry import read_volume, write_volume
+    from ..engine.geometry import Volume, read_volume, write_volume
 
     volume = read_volume(ct)
     reps = [-(-size // n) for n in volume.shape]
-    array = np.tile(volume.array, reps)[:size, :size, :size]
+    array = np.ascontiguousarray(np.tile(volume.array, reps)[:size, :size, :size])
     folder.mkdir()
-    return str(write_volume(volume.with_array(np.ascontiguousarray(array)), folder / "ct.nrrd", compress=False))
+    return str(write_volume(Volume(array, volume.spacing, volume.origin, volume.directions), folder / "ct.nrrd",
+                            compress=False))
 
 
 def _median(measure: dict[str, Any] | None) -> float | None:
