@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from ..errors import InputError
 
-__all__ = ["BENCH_SEED", "LOADED", "LOAD_PROCESSES", "MEMORY_SHAPES", "MEMORY_BOUND", "CLASSIFIER_METHODS", "UNET_METHODS_CPU", "UNET_METHODS_CUDA", "OCCLUSION",
+__all__ = ["BENCH_SEED", "LOADED", "LOAD_PROCESSES", "MEMORY_SHAPES", "MEMORY_MB", "MEMORY_BOUND", "CLASSIFIER_METHODS", "UNET_METHODS_CPU", "UNET_METHODS_CUDA", "OCCLUSION",
            "OCCLUSION_ENGINES", "BATCHES", "UNET_SHAPES", "OCCLUSION_PATCH", "QUICK_BATCHES", "Case", "plan_cases",
            "select_cases"]
 
@@ -25,8 +25,11 @@ LOADED = ("integrated_gradients", {"steps": 32})
 LOAD_PROCESSES = 2
 MEMORY_SHAPES = (128, 512)
 """Memory-only cases (``memoryN``): the U-Net's saliency at one voxel of a whole part, through ``ctxai explain``'s
-path (every volume-sized array of a run, its files written), the part the 128³ phantom repeated to N³, its tiles
-abutting (the memory does not depend on their number, the time does). 128³ measures the model's working set."""
+path (every volume-sized array of a run, its files written), the part the 128³ phantom repeated to N³. Both have a
+memory budget of :data:`MEMORY_MB`, so that their batches, and the model's working set, are alike; 128³ measures
+that working set (its tiles overlap by 3/4: 125 of them, enough for the same batch sizes), 512³ has abutting tiles
+(the memory does not depend on their number, the time does)."""
+MEMORY_MB = 1024.0
 MEMORY_BOUND = 1.5
 """The bound on (peak RSS at 512³ - peak RSS at 128³) / the 512³ volume's float32 size."""
 UNET_METHODS_CPU = ("saliency", "gradcam", "confidence")
@@ -72,6 +75,7 @@ class Case:
     load: int = 0               # busy processes that compete for the CPU while the case is timed
     memory_only: bool = False   # a fresh process's peak memory through ctxai explain's path; nothing is timed
     overlap: float = 0.25       # of the sliding window's tiles
+    memory_mb: float | None = None  # the Explainer's memory budget (default: a share of free memory)
 
     @property
     def rows(self) -> list[str]:
@@ -100,7 +104,8 @@ def plan_cases(device_type: str, quick: bool = False) -> tuple[list[Case], list[
     skipped = []
     if not quick:
         cases += [Case(f"memory{size}", "unet", size, "saliency",
-                       [{"row": f"memory{size}", "settings": {}, "heavy": True}], memory_only=True, overlap=0.0)
+                       [{"row": f"memory{size}", "settings": {}, "heavy": True}], memory_only=True,
+                       overlap=0.75 if size == MEMORY_SHAPES[0] else 0.0, memory_mb=MEMORY_MB)
                   for size in MEMORY_SHAPES]
     for size in ((_QUICK_SHAPE,) if quick else UNET_SHAPES):
         heavy = cpu and size >= 256

@@ -35,7 +35,8 @@ def _engine_setup(case: Case) -> tuple[Explainer, Volume, Target, Box | None]:
     from ..engine.targets import BoxRegion, Target
 
     model = load_model(case.card)
-    explainer = Explainer(model, device=case.device, precision=case.precision, overlap=case.overlap)
+    explainer = Explainer(model, device=case.device, precision=case.precision, overlap=case.overlap,
+                          memory_mb=case.memory_mb)
     volume = read_volume(case.volume)
     voxel = case.target.get("voxel")
     if voxel is None:
