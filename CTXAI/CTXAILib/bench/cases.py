@@ -9,8 +9,8 @@ from typing import Any, Sequence
 from ..errors import InputError
 
 __all__ = ["BENCH_SEED", "CLASSIFIER_METHODS", "LOADED", "LOAD_PROCESSES", "MEMORY_SHAPES", "MEMORY_MB",
-           "MEMORY_BOUND", "UNET_METHODS_CPU", "UNET_METHODS_CUDA", "OCCLUSION", "OCCLUSION_ENGINES", "BATCHES", "UNET_SHAPES", "OCCLUSION_PATCH", "QUICK_BATCHES", "Case", "plan_cases",
-           "select_cases"]
+           "MEMORY_BOUND", "UNET_METHODS_CPU", "UNET_METHODS_CUDA", "OCCLUSION", "OCCLUSION_ENGINES", "BATCHES",
+           "UNET_SHAPES", "OCCLUSION_PATCH", "QUICK_BATCHES", "Case", "plan_cases", "select_cases"]
 
 
 BENCH_SEED = 777
