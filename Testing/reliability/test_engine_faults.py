@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 
 from CTXAILib import Cancelled, Explainer, Target, load_model
@@ -54,3 +55,68 @@ def test_under_load_a_run_far_slower_than_its_batch_choice_measures_again(classi
     explainer._fastest[key] = (best, tried, 1e3, 0.0)  # a choice the run keeps to
     explainer.explain(volume, "integrated_gradients", target, settings={"steps": 8})
     assert explainer._fastest[key] == (best, tried, 1e3, 0.0)
+
+
+@pytest.fixture(scope="module")
+def many_tiles(tmp_path_factory):
+    """A U-Net of 16³ tiles and a volume of 27 of them: a large part in miniature."""
+    from ctxai_testing import ct_volume, write_model
+
+    return write_model(tmp_path_factory.mktemp("unet16"), "unet16", "segmentation", patch=(16, 16, 16)), \
+        ct_volume(shape=(36, 36, 36))
+
+
+def test_large_volumes_the_first_pass_reports_progress_per_tile_and_measures_batches_on_its_own_tiles(
+        many_tiles):
+    """A 512³ part sat at 0.0 % for ~100 s: the batch-size search ran made-up batches before the first tile. The
+    first prediction now measures batch sizes on its own tiles and reports from its first tile on."""
+    import time
+
+    card, volume = many_tiles
+    model = load_model(card)
+    explainer = Explainer(model, device="cpu")
+    tiles = len(explainer._grid(volume.shape).tiles)
+    calls, events = [], []
+    def started(module, inputs):
+        time.sleep(0.05)  # a slower model, so that reports (at most one per 0.2 s) fall between its tiles
+        calls.append([time.perf_counter(), None, inputs[0].shape[0]])
+
+    def ended(module, inputs, output):
+        calls[-1][1] = time.perf_counter()
+
+    model.module.register_forward_pre_hook(started)
+    model.module.register_forward_hook(ended)
+    explainer.explain(volume, "confidence", Target("defect"),
+                      progress=lambda p: events.append((time.perf_counter(), p.fraction, p.message)))
+    # One sample probes the activation memory; every other one is a tile of the volume.
+    assert sum(call[2] for call in calls[1:]) == tiles, "model samples beyond the tiles: a search on made-up input"
+    assert calls[1][2] == 1  # the search starts at one tile per call, so the first tile is reported on its own
+    first_done, last_started = calls[1][1], calls[-1][0]
+    announced = [t for t, fraction, message in events if "27 tiles" in message]
+    assert announced and announced[0] < calls[1][0], "no message saying what the run does before its first tile"
+    during = [(t, f) for t, f, message in events if first_done < t < last_started and 0 < f < 1]
+    assert during, f"no progress between the first tile ({first_done}) and the last ({last_started}): {events}"
+
+
+def test_large_volumes_the_prediction_holds_no_float32_copy_of_all_classes(many_tiles):
+    """At 512³ the prediction summed every class in float32 (1.5 GiB) and then copied it into float16 and checked
+    a mask of it: 3.5x the float16 map it keeps. A one-tile float32 window now blends into the float16 map."""
+    import tracemalloc
+
+    from ctxai_testing import ct_volume
+
+    card, _volume = many_tiles
+    volume = ct_volume(shape=(64, 64, 64))  # 64 abutting tiles of 16³
+    explainer = Explainer(load_model(card), device="cpu", overlap=0.0)
+    prepared = explainer.prepare(volume)
+    explainer._forward_limit(explainer.model.card.patch_shape)  # the memory probe's own tensors are not counted
+    tracemalloc.start()
+    try:
+        probabilities = explainer.segmentation_probabilities(prepared)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert probabilities.dtype == np.float16 and probabilities.shape == (2, 64, 64, 64)
+    # The map, the window (a quarter of the part's columns in float32: half the map) and a batch make 1.75x; the
+    # float32 sum, its copy and a mask of it made 3.1x.
+    assert peak <= 2.25 * probabilities.nbytes, f"prediction peak {peak / probabilities.nbytes:.2f}x its map"

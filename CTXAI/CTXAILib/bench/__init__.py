@@ -8,7 +8,11 @@ Cases, on the bundled models and a synthetic part (seed :data:`BENCH_SEED`, whic
    of the engine's occlusion engines (:data:`OCCLUSION_ENGINES`);
 3. the U-Net over whole parts of 128³ and 256³ voxels through the engine's sliding window, target "void" summed
    over the whole volume: :data:`UNET_METHODS_CPU` on a CPU (one 64³ forward and backward takes about a second
-   there, and 256³ has 125 tiles), :data:`UNET_METHODS_CUDA` on a GPU.
+   there, and 256³ has 125 tiles), :data:`UNET_METHODS_CUDA` on a GPU;
+4. :data:`LOADED` (IG-32 on the classifier) again, timed while :data:`LOAD_PROCESSES` busy processes started and
+   stopped by the benchmark compete for the CPU (row ``...-loaded``);
+5. memory only (``memory128``, ``memory512``): the U-Net's peak memory on a whole 512³ part, beyond its working set
+   (:data:`MEMORY_SHAPES`).
 
 Every case runs in two child processes (``python -m CTXAILib.bench --child ...``) so that a peak of memory belongs
 to one thing. The *memory* child runs the engine once in a fresh process: its peak resident set is the engine's, its

@@ -8,9 +8,9 @@ from typing import Any, Sequence
 
 from ..errors import InputError
 
-__all__ = ["BENCH_SEED", "CLASSIFIER_METHODS", "UNET_METHODS_CPU", "UNET_METHODS_CUDA", "OCCLUSION",
-           "OCCLUSION_ENGINES", "BATCHES", "UNET_SHAPES", "OCCLUSION_PATCH", "QUICK_BATCHES", "Case", "plan_cases",
-           "select_cases"]
+__all__ = ["BENCH_SEED", "CLASSIFIER_METHODS", "LOADED", "LOAD_PROCESSES", "MEMORY_SHAPES", "MEMORY_MB",
+           "MEMORY_BOUND", "UNET_METHODS_CPU", "UNET_METHODS_CUDA", "OCCLUSION", "OCCLUSION_ENGINES", "BATCHES",
+           "UNET_SHAPES", "OCCLUSION_PATCH", "QUICK_BATCHES", "Case", "plan_cases", "select_cases"]
 
 
 BENCH_SEED = 777
@@ -20,6 +20,18 @@ CLASSIFIER_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("gradcam", {}), ("gradcam_plus_plus", {}), ("saliency", {}), ("integrated_gradients", {"steps": 32}),
     ("smoothgrad", {"samples": 16}), ("gradient_shap", {"samples": 16}), ("deeplift", {}), ("lrp", {}),
     ("lime", {"samples": 500}))
+LOADED = ("integrated_gradients", {"steps": 32})
+"""The case timed again while :data:`LOAD_PROCESSES` busy processes compete for the CPU (a shared machine)."""
+LOAD_PROCESSES = 2
+MEMORY_SHAPES = (128, 512)
+"""Memory-only cases (``memoryN``): the U-Net's saliency at one voxel of a whole part, through ``ctxai explain``'s
+path (every volume-sized array of a run, its files written), the part the 128³ phantom repeated to N³. Both have a
+memory budget of :data:`MEMORY_MB`, so that their batches, and the model's working set, are alike; 128³ measures
+that working set (its tiles overlap by 3/4: 125 of them, enough for the same batch sizes), 512³ has abutting tiles
+(the memory does not depend on their number, the time does)."""
+MEMORY_MB = 1024.0
+MEMORY_BOUND = 1.5
+"""The bound on (peak RSS at 512³ - peak RSS at 128³) / the 512³ volume's float32 size."""
 UNET_METHODS_CPU = ("saliency", "gradcam", "confidence")
 UNET_METHODS_CUDA = tuple(name for name, _ in CLASSIFIER_METHODS) + ("confidence",)
 OCCLUSION = {"window": 8, "stride": 4}
@@ -60,6 +72,10 @@ class Case:
     precision: str = "fp32"
     repeats: int = 3
     batches: list[int] = field(default_factory=lambda: list(BATCHES))
+    load: int = 0               # busy processes that compete for the CPU while the case is timed
+    memory_only: bool = False   # a fresh process's peak memory through ctxai explain's path; nothing is timed
+    overlap: float = 0.25       # of the sliding window's tiles
+    memory_mb: float | None = None  # the Explainer's memory budget (default: a share of free memory)
 
     @property
     def rows(self) -> list[str]:
@@ -75,12 +91,22 @@ def plan_cases(device_type: str, quick: bool = False) -> tuple[list[Case], list[
     cases = [Case(f"classifier-{name}", "classifier", shape, name,
                   [{"row": f"classifier-{name}", "settings": dict(settings), "heavy": False}])
              for name, settings in classifier]
+    if not quick:
+        name, settings = LOADED
+        cases.append(Case(f"classifier-{name}-loaded", "classifier", shape, name,
+                          [{"row": f"classifier-{name}-loaded", "settings": dict(settings), "heavy": False}],
+                          load=LOAD_PROCESSES))
     cases.append(Case("occlusion", "classifier48", shape, "occlusion",
                       [{"row": f"occlusion-{engine}", "settings": {**occlusion, "engine": engine},
                         "heavy": cpu and engine == "exhaustive"} for engine in OCCLUSION_ENGINES],
                       heavy_references=cpu))
     settings = dict(CLASSIFIER_METHODS)
     skipped = []
+    if not quick:
+        cases += [Case(f"memory{size}", "unet", size, "saliency",
+                       [{"row": f"memory{size}", "settings": {}, "heavy": True}], memory_only=True,
+                       overlap=0.75 if size == MEMORY_SHAPES[0] else 0.0, memory_mb=MEMORY_MB)
+                  for size in MEMORY_SHAPES]
     for size in ((_QUICK_SHAPE,) if quick else UNET_SHAPES):
         heavy = cpu and size >= 256
         wanted = _QUICK_UNET if quick else (UNET_METHODS_CPU if cpu else UNET_METHODS_CUDA)

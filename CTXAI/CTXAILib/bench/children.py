@@ -35,7 +35,8 @@ def _engine_setup(case: Case) -> tuple[Explainer, Volume, Target, Box | None]:
     from ..engine.targets import BoxRegion, Target
 
     model = load_model(case.card)
-    explainer = Explainer(model, device=case.device, precision=case.precision)
+    explainer = Explainer(model, device=case.device, precision=case.precision, overlap=case.overlap,
+                          memory_mb=case.memory_mb)
     volume = read_volume(case.volume)
     voxel = case.target.get("voxel")
     if voxel is None:
@@ -65,10 +66,15 @@ def _memory_child(case: Case, variant: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(explainer.device)
     counts: list[int] = []
     with counting(explainer.model.module, counts):
-        seconds, _result = elapsed(lambda: explainer.explain(volume, case.method, target,
-                                                             settings=variant["settings"]), explainer.device)
+        seconds, result = elapsed(lambda: explainer.explain(volume, case.method, target,
+                                                            settings=variant["settings"]), explainer.device)
+    if case.memory_only:  # ctxai explain's path to its end: the run's files are written too
+        from ..records.outputs import write_explanation
+
+        write_explanation(result, volume, explainer.model, Path(case.volume).parent / f"{case.name}-out")
     cuda = (torch.cuda.max_memory_allocated(explainer.device) / 2**20 if explainer.device.type == "cuda" else None)
-    return {"cold_s": seconds, "model_samples": sum(counts), "rss_before_run_mib": before, "cuda_peak_mib": cuda}
+    return {"cold_s": seconds, "model_samples": sum(counts), "rss_before_run_mib": before, "cuda_peak_mib": cuda,
+            "volume_mib": volume.array.size * 4 / 2**20}
 
 
 def _engine_measure(explainer: Explainer, volume: Volume, target: Target, case: Case, variant: dict[str, Any],

@@ -5,17 +5,20 @@ a run's model passes)."""
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
-__all__ = ["elapsed", "rss_mib", "own_peak_mib", "counting", "Measure", "Limit"]
+__all__ = ["elapsed", "rss_mib", "own_peak_mib", "counting", "competing_load", "Measure", "Limit"]
 
 
 # Stop trying larger batches once one batch takes this long: on a CPU a 3-D network is already compute-bound there,
-# and the search would cost more than the run it bounds.
+# and the search would cost more than the run it bounds. Sizes up to _MIN_SEARCH are measured whatever they take:
+# on a busy machine each call pays a delay of its own, which makes batch 1 look slow and would stop the search there.
 _SEARCH_BATCH_S = 4.0
+_MIN_SEARCH = 8
 
 
 def _sync(device) -> None:
@@ -64,6 +67,20 @@ def counting(module, counts: list[int]) -> Iterator[None]:
         handle.remove()
 
 
+@contextlib.contextmanager
+def competing_load(processes: int) -> Iterator[None]:
+    """``processes`` busy Python processes (each spins one core) for the duration: a machine shared with others."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for process in busy:
+            process.kill()
+        for process in busy:
+            process.wait()
+
+
 @dataclass
 class Measure:
     """One timed thing of a timing child: ``run()`` returns its seconds; ``warm()`` prepares it untimed."""
@@ -109,7 +126,8 @@ class Limit:
         return elapsed(step, self.device)[0]
 
     def search(self) -> None:
-        """Time each batch size (best of two) until one runs out of memory or takes too long."""
+        """Time each batch size (best of two) until one runs out of memory or, from :data:`_MIN_SEARCH` on, takes
+        too long."""
         from ..engine.runtime import is_out_of_memory
 
         for batch in self.batches:
@@ -122,7 +140,7 @@ class Limit:
             self.per_sample[batch] = seconds / batch
             if seconds / batch < self.per_sample.get(self.best, float("inf")):
                 self.best = batch
-            if seconds > _SEARCH_BATCH_S:
+            if seconds > _SEARCH_BATCH_S and batch >= _MIN_SEARCH:
                 break
 
     def run(self) -> float:

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import InputError
-from .cases import (BATCHES, BENCH_SEED, OCCLUSION_PATCH, QUICK_BATCHES, UNET_METHODS_CUDA, UNET_SHAPES, Case,
-                    plan_cases, select_cases)
+from .cases import (BATCHES, BENCH_SEED, LOAD_PROCESSES, MEMORY_BOUND, MEMORY_SHAPES, OCCLUSION_PATCH,
+                    QUICK_BATCHES, UNET_METHODS_CUDA, UNET_SHAPES, Case, plan_cases, select_cases)
 from .batch import BATCH_ROWS, format_batch, run_batch_rows
 from .children import run_child
+from .measure import competing_load
 
 __all__ = ["run_bench", "format_table"]
 
@@ -64,6 +65,20 @@ def _pick_defect(phantom, patch: int) -> tuple[list[int], str, dict[str, Any]]:
     return centre(chosen), CLASSIFIER_CLASSES[TYPE_TO_CLASS[chosen.type]], chosen.to_dict()
 
 
+def _repeated(ct: str, size: int, folder: Path) -> str:
+    """The phantom at ``ct`` repeated along each axis into a part of ``size``³ voxels, written uncompressed."""
+    import numpy as np
+
+    from ..engine.geometry import Volume, read_volume, write_volume
+
+    volume = read_volume(ct)
+    reps = [-(-size // n) for n in volume.shape]
+    array = np.ascontiguousarray(np.tile(volume.array, reps)[:size, :size, :size])
+    folder.mkdir()
+    return str(write_volume(Volume(array, volume.spacing, volume.origin, volume.directions), folder / "ct.nrrd",
+                            compress=False))
+
+
 def _median(measure: dict[str, Any] | None) -> float | None:
     return statistics.median(measure["times_s"]) if measure and measure.get("times_s") else None
 
@@ -93,7 +108,7 @@ def _row(case: Case, variant: dict[str, Any], memory: dict[str, Any], memory_rss
                    "cold_run_model_samples": memory["model_samples"],
                    "cold_run_cuda_peak_mib": memory["cuda_peak_mib"]},
         "limit": {"median_s": _median(measures["limit"]), **measures["limit"]},
-        "references_peak_rss_mib": timing_rss,
+        "references_peak_rss_mib": timing_rss, "competing_processes": case.load,
     }
     for key in ("captum", "monai"):
         entry[key] = ({"median_s": _median(measures[key]), **measures[key]} if key in measures
@@ -107,6 +122,26 @@ def _row(case: Case, variant: dict[str, Any], memory: dict[str, Any], memory_rss
         entry["ratios"][_against_key(case.name, check["against"])] = _ratio(
             e, _median(measures[f"engine:{check['against']}"]))
     return entry
+
+
+def _memory_row(case: Case, memory: dict[str, Any], rss: float) -> dict[str, Any]:
+    return {"name": case.name, "case": case.name, "model": "U-Net (64³ tiles, abutting)", "method": case.method,
+            "memory_only": True, "input_shape_kji": [case.shape] * 3, "target": case.target,
+            "volume_mib": memory["volume_mib"],
+            "engine": {"peak_rss_mib": rss, "rss_before_run_mib": memory["rss_before_run_mib"],
+                       "cold_run_s": memory["cold_s"], "cold_run_model_samples": memory["model_samples"],
+                       "cold_run_cuda_peak_mib": memory["cuda_peak_mib"]}}
+
+
+def _memory_scaling(rows: dict[str, dict]) -> dict[str, Any] | None:
+    """The large part's peak beyond the small one's (the model's working set), in volumes of the large part."""
+    small, large = (rows.get(f"memory{size}") for size in MEMORY_SHAPES)
+    if small is None or large is None:
+        return None
+    beyond = large["engine"]["peak_rss_mib"] - small["engine"]["peak_rss_mib"]
+    return {"peak_rss_mib": [small["engine"]["peak_rss_mib"], large["engine"]["peak_rss_mib"]],
+            "volume_mib": large["volume_mib"], "beyond_working_set_mib": beyond,
+            "beyond_working_set_over_volume": beyond / large["volume_mib"]}
 
 
 def _criterion(text: str, value: float | None, relation: str, bound, missing: str, note: str | None) -> dict:
@@ -126,7 +161,8 @@ def _criterion(text: str, value: float | None, relation: str, bound, missing: st
     return entry
 
 
-def _criteria(rows: dict[str, dict], scaling: list[dict], quick: bool) -> list[dict[str, Any]]:
+def _criteria(rows: dict[str, dict], scaling: list[dict], quick: bool, memory: dict | None = None
+              ) -> list[dict[str, Any]]:
     note = "quick mode: reduced settings, not the issue's; no verdict on its targets" if quick else None
 
     def ratio(row: str, key: str) -> tuple[float | None, str]:
@@ -140,6 +176,9 @@ def _criteria(rows: dict[str, dict], scaling: list[dict], quick: bool) -> list[d
         checks.append((f"{label} ≤ 1.0× Captum", *ratio(row, "engine_over_captum"), "<=", 1.0))
     checks.append(("exhaustive occlusion ≤ 1.0× MONAI", *ratio("occlusion-exhaustive", "engine_over_monai"),
                    "<=", 1.0))
+    loaded, missing = ratio("classifier-integrated_gradients-loaded", "engine_over_limit")
+    checks.append((f"Integrated Gradients under load ({LOAD_PROCESSES} busy processes) ≤ 1.5× limit", loaded,
+                   missing, "<=", 1.5))
     speed, missing = ratio("occlusion-incremental", "engine_over_monai")
     checks.append(("incremental occlusion ≥ 5× faster than MONAI", None if speed is None else 1.0 / speed,
                    missing, ">=", 5.0))
@@ -152,6 +191,10 @@ def _criteria(rows: dict[str, dict], scaling: list[dict], quick: bool) -> list[d
                        1.25))
         checks.append((f"U-Net {item['method']}: time 256³/128³ within ±20 % of the voxel ratio (8)",
                        item["time_ratio"], "", "between", [6.4, 9.6]))
+    small, large = MEMORY_SHAPES
+    checks.append((f"U-Net saliency on a {large}³ part: peak RSS ≤ {MEMORY_BOUND:g}× its float32 volume + the "
+                   f"working set (the {small}³ run's peak)", memory and memory["beyond_working_set_over_volume"],
+                   f"not measured: needs memory{small} and memory{large}", "<=", MEMORY_BOUND))
     if not scaling:
         checks.append(("U-Net peak RSS 256³/128³ ≤ 1.25", None, "not measured: needs U-Net rows at 128³ and 256³",
                        "<=", 1.25))
@@ -196,6 +239,8 @@ _NOTES = [
     "The limit is the registry's estimate of model evaluations × tiles × the raw network's best time per sample. "
     "model_samples_per_run counts the samples of the engine's calls of the whole network (prediction included); "
     "the incremental occlusion engine recomputes layers over the changed region without such calls.",
+    "A row named *-loaded is timed (the engine, the limit and the references alike) while competing_processes "
+    "busy processes, started and stopped by the benchmark, spin on the CPU: a machine shared with other work.",
     "peak_rss_mib is the peak resident memory of a fresh process that ran the engine once (its baseline before "
     "the run is rss_before_run_mib); references_peak_rss_mib is the timing child's, references included.",
 ]
@@ -247,7 +292,9 @@ def run_bench(out: str | Path, device: str = "auto", precision: str = "fp32", re
         models = {"classifier": "classifier (32³ patch)", "classifier48": "classifier (its card with a 48³ patch)",
                   "unet": "U-Net (64³ tiles)"}
         phantoms, volumes, targets = [], {}, {}
-        for shape in sorted({case.shape for case in planned}):
+        memory_only = [case for case in planned if case.memory_only]
+        for shape in sorted({case.shape for case in planned if not case.memory_only}
+                            | ({MEMORY_SHAPES[0]} if memory_only else set())):
             log(f"generating the benchmark phantom (seed {BENCH_SEED}, {shape}³ voxels)")
             phantom = generate_phantom(BENCH_SEED, (shape,) * 3)
             volumes[shape] = str(save_phantom(phantom, workdir / f"phantom{shape}")["ct"])
@@ -257,26 +304,37 @@ def run_bench(out: str | Path, device: str = "auto", precision: str = "fp32", re
                 voxel, name, defect = _pick_defect(phantom, OCCLUSION_PATCH)
                 targets[shape] = {"class": name, "voxel": voxel}
                 phantoms[-1]["classifier_target"] = {"class": name, "voxel_ijk": voxel, "defect": defect}
+        for case in memory_only:
+            volumes[case.name] = _repeated(volumes[MEMORY_SHAPES[0]], case.shape, workdir / case.name)
         batches = list(QUICK_BATCHES if quick else BATCHES)
         rows: dict[str, dict] = {}
         for number, case in enumerate(planned, start=1):
-            case = replace(case, card=str(cards[case.model]), volume=volumes[case.shape], device=str(resolved),
+            case = replace(case, card=str(cards[case.model]), device=str(resolved),
+                           volume=volumes[case.name if case.memory_only else case.shape],
                            precision=precision, repeats=1 if quick else repeats, batches=batches,
-                           target=targets[case.shape] if case.model != "unet" else {"class": "void", "voxel": None})
+                           target=targets[case.shape] if case.model != "unet" else
+                           {"class": "void", "voxel": [case.shape // 2 - 8] * 3 if case.memory_only else None})
+            if case.memory_only:
+                log(f"[{number}/{len(planned)}] {case.name}: engine memory run (ctxai explain's path)")
+                rows[case.name] = _memory_row(case, *run_child("memory", case, workdir))
+                continue
             memory = {}
             for index, variant in enumerate(case.variants):
                 log(f"[{number}/{len(planned)}] {variant['row']}: engine memory run")
                 memory[variant["row"]] = run_child("memory", case, workdir, index)
             log(f"[{number}/{len(planned)}] {case.name}: timing the engine, the limit, Captum and MONAI")
-            timing, timing_rss = run_child("timing", case, workdir)
+            with competing_load(case.load):
+                timing, timing_rss = run_child("timing", case, workdir)
             for variant in case.variants:
                 result, rss = memory[variant["row"]]
                 rows[variant["row"]] = _row(case, variant, result, rss, timing, timing_rss, models)
         scaling = _scaling(rows)
+        memory = _memory_scaling(rows)
         report = {"benchmark": "ctxai bench", "machine": machine,
                   "options": {"repeats": repeats, "quick": quick, "cases": list(cases or []), "batches": batches},
                   "phantoms": phantoms, "notes": _NOTES, "rows": list(rows.values()), "skipped_rows": skipped,
-                  "unet_scaling": scaling, "criteria": _criteria(rows, scaling, quick) if planned else []}
+                  "unet_scaling": scaling, "memory_scaling": memory,
+                  "criteria": _criteria(rows, scaling, quick, memory) if planned else []}
         if batch_rows:
             report["batch"] = run_batch_rows(batch_rows, workdir, str(resolved), quick, log)
         report["minutes"] = (time.perf_counter() - started) / 60
@@ -300,6 +358,12 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [header, "-" * len(header)] if report["rows"] else []
     notes = []
     for row in report["rows"]:
+        if row.get("memory_only"):
+            lines.append(f"{row['name']:<32s} {'-':>9s} {'-':>9s} {'-':>7s} {'-':>9s} {'-':>8s} {'-':>9s} {'-':>7s} "
+                         f"{_cell(row['engine']['peak_rss_mib'], 0):>13s}")
+            notes.append(f"  {row['name']}: memory only, {row['input_shape_kji'][0]}³ float32 part "
+                         f"({row['volume_mib']:.0f} MiB), one run in {row['engine']['cold_run_s']:.0f} s")
+            continue
         ratios = row["ratios"]
         lines.append(f"{row['name']:<32s} {_cell(row['engine']['median_s']):>9s} {_cell(row['limit']['median_s']):>9s} "
                      f"{_cell(ratios['engine_over_limit'], 2):>7s} {_cell(row['captum'].get('median_s')):>9s} "
@@ -308,6 +372,11 @@ def format_table(report: dict[str, Any]) -> str:
         for key, name in (("captum", "Captum"), ("monai", "MONAI")):
             if "skipped" in row[key]:
                 notes.append(f"  {row['name']}: no {name} reference ({row[key]['skipped']})")
+        if row.get("competing_processes"):
+            quiet = next((r for r in report["rows"] if r["name"] == row["name"].removesuffix("-loaded")), None)
+            notes.append(f"  {row['name']}: timed while {row['competing_processes']} busy processes competed for "
+                         f"the CPU, the limit too: ×limit {_cell(ratios['engine_over_limit'], 2)} (quiet row "
+                         f"{_cell(quiet['ratios']['engine_over_limit'] if quiet else None, 2)})")
         if "map_check" in row:
             check = row["map_check"]
             notes.append(f"  {row['name']}: {_cell(ratios[_against_key(row['case'], check['against'])], 3)}× the "
@@ -318,6 +387,11 @@ def format_table(report: dict[str, Any]) -> str:
     for item in report["unet_scaling"]:
         notes.append(f"  U-Net {item['method']} 256³/128³: time ×{_cell(item['time_ratio'], 2)} (voxels ×8, tiles "
                      f"×{_cell(item['tile_ratio'], 2)}), peak RSS ×{_cell(item['peak_rss_ratio'], 2)}")
+    memory = report.get("memory_scaling")
+    if memory:
+        notes.append(f"  peak RSS {memory['peak_rss_mib'][1]:.0f} MiB = the working set ({memory['peak_rss_mib'][0]:.0f}"
+                     f" MiB) + {memory['beyond_working_set_over_volume']:.2f}× the volume ({memory['volume_mib']:.0f} "
+                     "MiB)")
     if notes:
         lines += ["", "notes:"] + notes
     if "batch" in report:

@@ -29,7 +29,8 @@ from .modelcard import Normalization
 from .models import LoadedModel, load_model
 from .progress import CancelToken, Progress, ProgressCallback, RunMonitor
 from .resample import ModelGrid
-from .runtime import MemoryBudget, activation_bytes, autocast, is_out_of_memory, resolve_device, with_backoff
+from .runtime import (BatchSearch, MemoryBudget, activation_bytes, autocast, is_out_of_memory, resolve_device,
+                      with_backoff)
 from .signs import SIGNS
 from .sliding import TileGrid, batched, crop_padded, predict_tiles
 from .targets import ResolvedTarget, Target
@@ -37,8 +38,6 @@ from .targets import ResolvedTarget, Target
 __all__ = ["Explainer", "Explanation", "Probe", "ScoreModel", "volume_sha256"]
 
 _BATCH_LIMIT = 64
-_MIN_SEARCH = 8     # batch sizes always measured, however slow the machine (a busy CPU makes batch 1 look costly)
-_SLOWER = 1.15      # a larger batch is kept unless its time per sample is clearly worse than the best so far
 _RECHECK = 3.0      # a run this many times slower per sample than its batch choice predicted measures again
 
 
@@ -59,6 +58,13 @@ def _applied(card: Normalization, fitted: Normalization) -> dict[str, Any]:
         applied["per_volume"] = ("statistics computed once from the whole unperturbed input volume; every tile, "
                                  "perturbed copy and baseline of the run used these same numbers")
     return applied
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    """No NaN or Inf in a map of shape (..., K, J, I); checked slab by slab, so that no volume-sized mask is made."""
+    if array.ndim < 3:
+        return bool(np.isfinite(array).all())
+    return all(np.isfinite(array[..., k:k + 16, :, :]).all() for k in range(0, array.shape[-3], 16))
 
 
 def activate(output: torch.Tensor, activation: str) -> torch.Tensor:
@@ -259,9 +265,8 @@ class Explainer:
                              f"{'scalar' if card.input_channels == 1 else f'{card.input_channels}-component'} volume.")
         if not np.issubdtype(volume.array.dtype, np.number) or np.issubdtype(volume.array.dtype, np.complexfloating):
             raise InputError(f"Volume voxels must be real numbers, got dtype {volume.array.dtype}.")
-        finite = not np.issubdtype(volume.array.dtype, np.floating) or all(
-            np.isfinite(volume.array[..., k:k + 16, :, :]).all() for k in range(0, volume.shape[0], 16))
-        if not finite:  # checked slab by slab above: a mask of the whole part is only made to report the first one
+        finite = not np.issubdtype(volume.array.dtype, np.floating) or _all_finite(volume.array)
+        if not finite:  # checked slab by slab: a mask of the whole part is only made to report the first one
             bad = ~np.isfinite(volume.array)
             first = np.argwhere(bad)[0][-3:][::-1]
             raise InputError(f"The volume has {int(bad.sum())} NaN or infinite voxel(s), the first at voxel "
@@ -273,7 +278,13 @@ class Explainer:
         array = volume.array if volume.array.ndim == 4 else volume.array[None]
         # Fitted once on the whole unperturbed volume: tiles, perturbed copies and baselines share its statistics.
         normalization = card.normalization.fitted(array)
-        x = torch.from_numpy(normalization.apply(array))[None]
+        if normalization.type == "none" and array.dtype == np.float32:
+            normalised = array
+        else:  # slab by slab: normalising a whole part at once makes two more volume-sized temporaries
+            normalised = np.empty(array.shape, np.float32)
+            for k in range(0, array.shape[1], 16):
+                normalised[:, k:k + 16] = normalization.apply(array[:, k:k + 16])
+        x = torch.from_numpy(normalised)[None]
         air = float(normalization.apply(card.raw_air(float(np.min(volume.array)))))
         self._prepared = _Prepared(volume, x, sha, air, normalization)
         return self._prepared
@@ -358,9 +369,12 @@ class Explainer:
 
     def _forward_batch(self, shape: tuple[int, ...], needed: int = _BATCH_LIMIT,
                        monitor: RunMonitor | None = None) -> int:
-        """Tiles per forward-only batch: activations are freed layer by layer without autograd."""
-        return self._fastest_batch(shape, self.budget.batch_size(self._sample_bytes(shape) // 2, _BATCH_LIMIT),
-                                   False, needed, monitor)
+        """Tiles per forward-only batch (see :meth:`_forward_limit`)."""
+        return self._fastest_batch(shape, self._forward_limit(shape), False, needed, monitor)
+
+    def _forward_limit(self, shape: tuple[int, ...]) -> int:
+        """The most tiles per forward-only batch: activations are freed layer by layer without autograd."""
+        return self.budget.batch_size(self._sample_bytes(shape) // 2, _BATCH_LIMIT)
 
     def _fastest_batch(self, shape: tuple[int, ...], limit: int, backward: bool, needed: float,
                        monitor: RunMonitor | None = None) -> int:
@@ -371,16 +385,25 @@ class Explainer:
         per sample clearly rises; measured once per patch shape and kind of pass, then kept with the model until a
         run shows the choice was wrong (:meth:`_recheck`).
         """
+        search = self._batch_search(shape, backward, limit, needed)
+        if isinstance(search, BatchSearch):
+            self._measure_batches(tuple(shape), backward, search, monitor)
+            self._keep_search(shape, backward, search)
+            return search.best
+        return search
+
+    def _batch_search(self, shape: tuple[int, ...], backward: bool, limit: int, needed: float) -> int | BatchSearch:
+        """The known batch size within ``limit``, or a search to run when none is known for it yet."""
         limit = int(max(1, min(limit, np.ceil(needed))))
-        if limit == 1:
-            return 1
-        key = (tuple(shape), backward)
-        best, tried = self._fastest.get(key, (1, 1))[:2]
-        if tried < limit and best == tried:
-            started = time.perf_counter()
-            best, per_sample = self._measure_batches(tuple(shape), backward, limit, needed, monitor)
-            self._fastest[key] = (best, limit, per_sample, time.perf_counter() - started)
+        best, tried = self._fastest.get((tuple(shape), backward), (1, 1))[:2]
+        if limit > 1 and tried < limit and best == tried:
+            return BatchSearch(limit, needed)
         return max(1, min(best, limit))
+
+    def _keep_search(self, shape: tuple[int, ...], backward: bool, search: BatchSearch) -> None:
+        if search.tried:  # a pass over real tiles may end before the search does: what it measured is kept
+            self._fastest[(tuple(shape), backward)] = (search.best, search.tried, search.best_time,
+                                                       time.perf_counter() - search.started)
 
     def _recheck(self, shape: tuple[int, ...], backward: bool, samples: float, seconds: float) -> None:
         """Forget a batch choice when a run took far longer than it predicted (the machine got busier since, or was
@@ -391,10 +414,9 @@ class Explainer:
         if choice is not None and seconds > _RECHECK * samples * choice[2] + choice[3]:
             del self._fastest[key]
 
-    def _measure_batches(self, shape: tuple[int, ...], backward: bool, limit: int, needed: float,
-                         monitor: RunMonitor | None = None) -> tuple[int, float]:
-        """The fastest batch and its seconds per sample. Sizes up to :data:`_MIN_SEARCH` are always measured;
-        beyond, the search may take a tenth of the run it tunes, or two seconds (it is done once per session)."""
+    def _measure_batches(self, shape: tuple[int, ...], backward: bool, search: BatchSearch,
+                         monitor: RunMonitor | None = None) -> None:
+        """Run ``search`` (see :class:`~.runtime.BatchSearch`) on made-up input of the patch's shape."""
         def seconds(batch: int) -> float:
             if monitor is not None:
                 monitor.check_cancel()  # the search runs real batches: Cancel must stop it like any other
@@ -411,31 +433,16 @@ class Explainer:
                 torch.cuda.synchronize(self.device)
             return time.perf_counter() - started
 
-        def per_sample(batch: int) -> float:
-            first = seconds(batch)  # a new size selects its kernels and allocates on its first call
-            # The best of a few calls: a shared machine only ever slows a measurement down.
-            return min(seconds(batch) for _ in range(3 if first < 0.1 else 2 if first < 1.0 else 1)) / batch
-
-        started = time.perf_counter()
-        best, best_time, batch = 1, per_sample(1), 2
-        allowed = max(2.0, 0.1 * needed * best_time)
-        while batch <= limit and (batch <= _MIN_SEARCH or time.perf_counter() - started < allowed):
+        while not search.done:
+            batch = search.next()
             try:
-                time_per_sample = per_sample(batch)
+                search.record(batch, seconds(batch))
             except Exception as exc:  # noqa: BLE001 - out of memory ends the search, anything else is raised
                 if not is_out_of_memory(exc):
                     raise
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                break
-            # On a shared machine one measurement is noisy: a larger batch, which needs fewer calls, is kept unless
-            # it is clearly slower; the best time so far stays the bar, so small losses cannot add up.
-            if time_per_sample <= _SLOWER * best_time:
-                best, best_time = batch, min(best_time, time_per_sample)
-            elif batch > _MIN_SEARCH and time_per_sample > 1.5 * best_time:
-                break
-            batch *= 2
-        return best, best_time
+                search.out_of_memory()
 
     def _sample_bytes(self, shape: tuple[int, ...]) -> int:
         key = tuple(shape)
@@ -452,18 +459,27 @@ class Explainer:
         thing a run over a whole part holds besides the volume itself."""
         if prepared.probabilities is None:
             grid = self._grid(prepared.volume.shape)
-            monitor = RunMonitor(len(grid.tiles), progress, cancel, message="predicting (sliding window)")
+            message = f"predicting (sliding window, {len(grid.tiles)} tiles)"
+            monitor = RunMonitor(len(grid.tiles), progress, cancel, message=message)
+            monitor.report(message, 0.0)
             start = monitor.done
-            prepared.probabilities = with_backoff(
-                lambda b: predict_tiles(self._run_model, prepared.x, grid, Box.whole(prepared.volume.shape), b,
-                                        monitor.tick),
-                self._forward_batch(grid.patch, len(grid.tiles), monitor),
-                on_retry=lambda _b: monitor.rewind(start)).astype(np.float16)
+
+            def predict(limit: int) -> np.ndarray:
+                # A first pass measures the batch size on its own tiles: no time on made-up input before it starts.
+                batches = self._batch_search(grid.patch, False, limit, len(grid.tiles))
+                probabilities = predict_tiles(self._run_model, prepared.x, grid, Box.whole(prepared.volume.shape),
+                                              batches, monitor.tick, dtype=np.float16)
+                if isinstance(batches, BatchSearch):
+                    self._keep_search(grid.patch, False, batches)
+                return probabilities
+
+            prepared.probabilities = with_backoff(predict, self._forward_limit(grid.patch),
+                                                  on_retry=lambda _b: monitor.rewind(start))
             self._check_finite(prepared.probabilities, Box.whole(prepared.volume.shape))
         return prepared.probabilities
 
     def _check_finite(self, output: np.ndarray, extent: Box) -> None:
-        if np.isfinite(output).all():
+        if _all_finite(output):
             return
         if output.ndim == 4:  # a segmentation map: name the first voxel, in IJK like every other place
             k, j, i = np.argwhere(~np.isfinite(output).any(axis=0))[0]
@@ -612,11 +628,11 @@ class Explainer:
             result = self._run_tiles(spec, values, prepared, plan, layer_module, activation, baselines, monitor, seed)
         timings["explain_s"] = time.perf_counter() - t0
         warnings += baselines.warnings()
-        if spec.absolute:
-            result = np.abs(result)
+        if spec.absolute:  # a tile method's map is the run's own array: no copy of a large map
+            result = np.abs(result, out=result if spec.aggregation != "volume" else None)
         # One map per voxel: the input channels' attributions add up (one channel: no copy of a large map).
         result = result[0] if result.shape[0] == 1 else result.sum(axis=0)
-        if not np.all(np.isfinite(result)):
+        if not _all_finite(result):
             hint = "try fp32 precision or other settings" if self.precision != "fp32" else "try other settings"
             raise MethodError(f"{spec.label} produced non-finite values on this input (numerical overflow); "
                               f"{hint}.")
@@ -756,7 +772,7 @@ class Explainer:
                 TileGrid.accumulate(total[:values_np.shape[0]], plan.extent, tile, values_np * blend)
                 TileGrid.accumulate(weight_sum, plan.extent, tile, blend)
         if spec.aggregation == "blend":
-            total = total / np.maximum(weight_sum, 1e-12)
+            total /= np.maximum(weight_sum, 1e-12, out=weight_sum)
         self._recheck(plan.grid.patch, True, monitor.done - done, time.perf_counter() - started)
         return total
 

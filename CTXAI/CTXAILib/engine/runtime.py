@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
 
@@ -11,11 +13,14 @@ from torch import nn
 
 from ..errors import InputError
 
-__all__ = ["resolve_device", "autocast", "MemoryBudget", "with_backoff", "is_out_of_memory", "activation_bytes",
-           "PRECISIONS"]
+__all__ = ["resolve_device", "autocast", "MemoryBudget", "BatchSearch", "with_backoff", "is_out_of_memory",
+           "activation_bytes", "PRECISIONS"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 T = TypeVar("T")
+
+_MIN_SEARCH = 8     # batch sizes always measured, however slow the machine (a busy CPU makes batch 1 look costly)
+_SLOWER = 1.15      # a larger batch is kept unless its time per sample is clearly worse than the best so far
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
@@ -102,6 +107,70 @@ class MemoryBudget:
 
     def batch_size(self, per_sample_bytes: int, limit: int) -> int:
         return int(max(1, min(limit, self.bytes // max(per_sample_bytes, 1))))
+
+
+class BatchSearch:
+    """The batch size with the lowest time per sample, searched one timed call at a time, so that the calls can be
+    made-up input (:meth:`Explainer._measure_batches`) or a pass's own real batches (the first prediction of a
+    volume: its tiles are the measurements, and its progress starts with the first tile).
+
+    Sizes double from 1 up to ``limit``. A new size's first call is not counted (it selects kernels and
+    allocates); the best of the next few counts, because a shared machine only ever slows a call down. Sizes up
+    to :data:`_MIN_SEARCH` are always measured; beyond, the search may take a tenth of the run it tunes
+    (``needed`` samples), or two seconds. A larger batch is kept unless clearly slower per sample.
+
+    >>> search = BatchSearch(limit=2, needed=10)
+    >>> while not search.done:
+    ...     batch = search.next()
+    ...     search.record(batch, 0.01 * batch ** 0.5)   # a larger batch is cheaper per sample
+    >>> search.best
+    2
+    """
+
+    def __init__(self, limit: int, needed: float):
+        self.limit, self.needed = max(1, int(limit)), float(needed)
+        self.best, self.best_time, self.tried = 1, math.inf, 0
+        self.done = self.limit == 1
+        self._size, self._times, self._wanted = 1, [], 0
+        self._allowed = 2.0
+        self.started = time.perf_counter()
+
+    def next(self) -> int:
+        """The batch size of the next call: the size being measured, then the choice."""
+        return self.best if self.done else self._size
+
+    def record(self, batch: int, seconds: float) -> None:
+        """Time of a call of ``batch`` samples; a call of another size (a pass's last, shorter batch) is ignored."""
+        if self.done or batch != self._size:
+            return
+        if not self._wanted:  # the size's first call
+            self._wanted = 3 if seconds < 0.1 else 2 if seconds < 1.0 else 1
+            return
+        self._times.append(seconds)
+        if len(self._times) >= self._wanted:
+            self._judge(min(self._times) / batch)
+
+    def out_of_memory(self) -> None:
+        """The size being measured does not fit: the choice so far stands."""
+        self.tried, self.done = self.limit, True
+
+    def _judge(self, per_sample: float) -> None:
+        size = self._size
+        if size == 1:
+            self.best_time = per_sample
+            self._allowed = max(2.0, 0.1 * self.needed * per_sample)
+        # On a shared machine one measurement is noisy: a larger batch, which needs fewer calls, is kept unless it
+        # is clearly slower; the best time so far stays the bar, so small losses cannot add up.
+        elif per_sample <= _SLOWER * self.best_time:
+            self.best, self.best_time = size, min(self.best_time, per_sample)
+        elif size > _MIN_SEARCH and per_sample > 1.5 * self.best_time:
+            self.tried, self.done = self.limit, True
+            return
+        self.tried = size
+        self._size, self._times, self._wanted = size * 2, [], 0
+        if self._size > self.limit or (self._size > _MIN_SEARCH
+                                       and time.perf_counter() - self.started >= self._allowed):
+            self.tried, self.done = self.limit, True
 
 
 def activation_bytes(module: nn.Module, example: torch.Tensor) -> int:

@@ -16,8 +16,9 @@ zero-padded borders are unreliable. Perturbation methods evaluate the tiled mode
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from .geometry import Box
 
-__all__ = ["TileGrid", "batched", "crop_padded", "gaussian_importance", "predict_tiles"]
+__all__ = ["BatchSizes", "TileGrid", "batched", "crop_padded", "gaussian_importance", "predict_tiles"]
 
 
 def _axis_gaussian(n: int, sigma_scale: float = 0.125) -> np.ndarray:
@@ -167,22 +168,62 @@ def batched(items: Sequence, size: int) -> Iterable[list]:
         yield list(items[start:start + max(1, size)])
 
 
-def predict_tiles(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grid: TileGrid, box: Box,
-                  batch_size: int, on_batch: Callable[[int], None] | None = None) -> np.ndarray:
-    """Blended sliding-window output of a segmentation model over ``box``: (C, K, J, I) float32 on the CPU.
+class BatchSizes(Protocol):
+    """Where a pass gets its batch sizes from, call by call, and times them (:class:`~.runtime.BatchSearch`)."""
 
-    ``run`` maps a batch of input tiles (B, C, *patch) to activated outputs (B, C_out, *patch).
+    def next(self) -> int: ...
+
+    def record(self, batch: int, seconds: float) -> None: ...
+
+
+def predict_tiles(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grid: TileGrid, box: Box,
+                  batch_size: int | BatchSizes, on_batch: Callable[[int], None] | None = None,
+                  dtype: type = np.float32) -> np.ndarray:
+    """Blended sliding-window output of a segmentation model over ``box``: (C, K, J, I) of ``dtype`` on the CPU.
+
+    ``run`` maps a batch of input tiles (B, C, *patch) to activated outputs (B, C_out, *patch), on the CPU.
+    ``batch_size`` is tiles per call, or a :class:`BatchSizes` that chooses each call's and is told its seconds.
+    ``on_batch(tiles)`` is called before each call.
+
+    The blend is summed in float32 over a window one tile wide along i only: the grid's tiles come in order of
+    their i, so the columns before a tile's are final and move to the output. A float16 output of a whole part
+    then takes a quarter of the memory of a float32 sum of all of it.
     """
     tiles = grid.select(box)
-    total = None
-    for batch in batched(tiles, batch_size):
+    total = window = None
+    width = min(grid.patch[2], box.shape[2])
+    start = box.lo[0]  # the window's first column (i), in volume indices
+
+    def flush(upto: int) -> None:
+        """Move the window's columns before ``upto`` into the output and slide the window there."""
+        nonlocal start
+        count = min(upto, box.hi[0]) - start
+        if count <= 0:
+            return
+        total[..., start - box.lo[0]:start - box.lo[0] + count] = window[..., :count]
+        window[..., :width - count] = window[..., count:].copy()
+        window[..., width - count:] = 0.0
+        start += count
+
+    done = 0
+    while done < len(tiles):
+        size = batch_size if isinstance(batch_size, int) else batch_size.next()
+        batch = tiles[done:done + max(1, size)]
+        done += len(batch)
         if on_batch is not None:
             on_batch(len(batch))
         inputs = torch.cat([crop_padded(x, tile) for tile in batch])
+        started = time.perf_counter()
         with torch.no_grad():
             outputs = run(inputs).float().cpu().numpy()
+        if not isinstance(batch_size, int):
+            batch_size.record(len(batch), time.perf_counter() - started)
         if total is None:
-            total = np.zeros((outputs.shape[1],) + box.shape, np.float32)
+            total = np.empty((outputs.shape[1],) + box.shape, dtype)
+            window = np.zeros((outputs.shape[1],) + box.shape[:2] + (width,), np.float32)
         for tile, output in zip(batch, outputs):
-            grid.accumulate(total, box, tile, output * (grid.importance(tile) / grid.normaliser(tile)))
+            flush(max(tile.lo[0], box.lo[0]))
+            window_box = Box((start, box.lo[1], box.lo[2]), (start + width, box.hi[1], box.hi[2]))
+            grid.accumulate(window, window_box, tile, output * (grid.importance(tile) / grid.normaliser(tile)))
+    flush(box.hi[0])
     return total
