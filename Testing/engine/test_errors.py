@@ -79,7 +79,7 @@ def test_clicked_point_without_defect(seg_explainer, volume):
 
     probabilities = seg_explainer.segmentation_probabilities(seg_explainer.prepare(volume))
     background = np.argwhere(probabilities.argmax(axis=0) == 0)[0][::-1]
-    with pytest.raises(RegionError, match="No predicted defect of the target class at voxel"):
+    with pytest.raises(RegionError, match="No predicted region of class 'defect' at voxel"):
         seg_explainer.explain(volume, "saliency", Target("defect", region=ComponentRegion(tuple(background))))
 
 

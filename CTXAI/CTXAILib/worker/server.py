@@ -15,7 +15,8 @@ Requests (``id`` is chosen by the client and echoed in every reply):
 
 - ``{"id", "cmd": "explain", "model", "volume": {"path", "spacing", "origin", "directions"}, "method",
   "target": {"class", "contrast", "score", "region": {"type": "whole" | "box" | "voxel" | "component" | "mask",
-  ...}}, "layer", "settings", "device", "precision", "memory_mb", "seed", "output", "checks" (names; the
+  ...}}, "layer", "settings", "device", "precision", "memory_mb", "overlap" and "blend" (the sliding window; absent: the
+  card's), "seed", "output", "checks" (names; the
   result carries ``checks`` and a ``verdict``), "quality" (adds faithfulness), "out_dir"}``
 - ``{"id", "cmd": "describe_model", "model", "device"}`` -- card, layers and default CAM layer
 - ``{"id", "cmd": "methods"}`` -- the method registry (the panel builds its controls from it)
@@ -176,9 +177,11 @@ class Worker:
         return array
 
     def explainer(self, model: str, device: str = "auto", precision: str = "fp32",
-                  memory_mb: float | None = None) -> tuple[Any, bool]:
+                  memory_mb: float | None = None, overlap: float | None = None,
+                  blend: str | None = None) -> tuple[Any, bool]:
         """The cached explainer of a model file, reloaded only when the file or the device changed; and whether
-        it was reused. Precision and memory budget are run settings: they never force a reload."""
+        it was reused. Precision, memory budget and sliding window (None: the card's) are run settings: they never
+        force a reload."""
         from ..engine.explain import Explainer
         from ..engine.runtime import MemoryBudget
 
@@ -188,8 +191,10 @@ class Worker:
         if explainer is not None:
             explainer.precision = precision
             explainer.budget = MemoryBudget.default(explainer.device, memory_mb)
+            explainer.set_sliding_window(overlap, blend)
             return explainer, True
-        explainer = Explainer(path, device=device, precision=precision, memory_mb=memory_mb)
+        explainer = Explainer(path, device=device, precision=precision, memory_mb=memory_mb, overlap=overlap,
+                              blend=blend)
         # One warm model per file: a changed file or another device replaces the previous entry.
         self._explainers = {k: v for k, v in self._explainers.items() if k[0] != key[0]}
         self._explainers[key] = explainer
@@ -222,7 +227,8 @@ class Worker:
         from ..records.record import run_record
 
         explainer, reused = self.explainer(request["model"], request.get("device", "auto"),
-                                           request.get("precision", "fp32"), request.get("memory_mb"))
+                                           request.get("precision", "fp32"), request.get("memory_mb"),
+                                           request.get("overlap"), request.get("blend"))
         spec = request["volume"]
         out_dir = self._exchange_path(request["out_dir"], "Output folder")
         volume = Volume(self._load_array(spec["path"], "Volume array"), spec["spacing"], spec["origin"],
