@@ -42,7 +42,8 @@ _SLOWER = 1.15      # a larger batch is kept unless its time per sample is clear
 _RECHECK = 3.0      # a run this many times slower per sample than its batch choice predicted measures again
 _TIME_LIMIT_S = 2 * 3600.0  # a run estimated to take longer is refused unless forced
 _ESTIMATED_PASSES = 32      # runs of fewer tile passes start without a timed pass: they cost less than measuring
-_CLIPPED = 0.25             # a larger fraction of voxels outside the card's window is warned about
+_CLIPPED = 0.5              # a larger fraction of voxels beyond one end of the card's window is warned about
+                            # (air below the window's low end is common: half of its noisy voxels lie below)
 
 
 def volume_sha256(volume: Volume) -> str:
@@ -79,15 +80,6 @@ def _duration(seconds: float) -> str:
         f"{seconds:.3g} s"
 
 
-def _available_bytes(device: torch.device) -> int:
-    """Memory one pass may take: free GPU memory, or the RAM available on a CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
 def _intensity_warnings(card: ModelCard, raw: np.ndarray) -> list[str]:
     """Warnings, with figures, when the volume's grey values do not fit the card's normalisation: a large
     fraction clipped by its window, or a range far from the one the model was trained on. Figures come from a
@@ -104,7 +96,7 @@ def _intensity_warnings(card: ModelCard, raw: np.ndarray) -> list[str]:
         lo, hi = norm.window
         below, above = float(np.mean(sample < lo)), float(np.mean(sample > hi))
         warnings = []
-        if below + above > _CLIPPED:
+        if max(below, above) > _CLIPPED:
             warnings.append(f"{100 * (below + above):.3g} % of the voxels lie outside the card's window "
                             f"[{lo:g}, {hi:g}] ({100 * below:.3g} % below, {100 * above:.3g} % above; {spread}) and "
                             f"are clipped to its ends: the model sees them as one grey value and may find nothing. "
@@ -257,8 +249,8 @@ class Explainer:
     makes the tiled answer exact. ``channels_last`` (default: on GPU) stores convolution weights as NDHWC.
 
     Before a run starts its cost is estimated (tile passes x seconds per pass, timed on one patch; activation memory
-    of one pass): a run over ``time_limit_s`` or beyond the memory the device has is refused with the estimate and
-    what lowers it, unless ``force``.
+    of one pass): a run over ``time_limit_s`` or whose one pass needs more than the memory budget is refused with
+    the estimate and what lowers it, unless ``force``.
     """
 
     def __init__(self, model: LoadedModel | str | Path, device: str | torch.device = "auto", precision: str = "fp32",
@@ -492,7 +484,7 @@ class Explainer:
     def _check_cost(self, what: str, passes: float, backward: bool, extent: Box, warnings: list[str],
                     spec: MethodSpec | None = None) -> float | None:
         """Estimate a run of ``passes`` tile passes over ``extent`` before it starts; refuse one that would take
-        longer than ``time_limit_s`` or need more memory than the device has (unless ``force``); warn when a model
+        longer than ``time_limit_s`` or need more than the memory budget (unless ``force``); warn when a model
         without a patch size takes the whole extent in one pass. Returns the estimated seconds (None: not timed,
         the run is shorter than timing it)."""
         patch = self.model.card.patch_shape
@@ -501,7 +493,7 @@ class Explainer:
         # rather than learnt by running the giant pass.
         scale = 1.0 if patch is not None else float(np.prod(extent.shape)) / float(np.prod(probe))
         memory = self._sample_bytes(probe) * scale * (3 if backward else 1)
-        available = _available_bytes(self.device)
+        available = self.budget.bytes  # a batch of one beyond it runs anyway: past the memory the run may take
         if patch is None and scale > 1.0:
             giant = (f"Model {self.model.card.name!r} has no patch size, so each pass takes the whole "
                      f"{'x'.join(map(str, extent.shape))} (k,j,i) extent at once: about {memory / 2 ** 30:.2g} GiB "
@@ -522,7 +514,7 @@ class Explainer:
                            f"{_duration(self.time_limit_s)} limit")
         if memory > available:
             figures.append(f"needs about {memory / 2 ** 30:.2g} GiB for one pass, more than the "
-                           f"{available / 2 ** 30:.2g} GiB free on {self.device}")
+                           f"{available / 2 ** 30:.2g} GiB memory budget on {self.device} (--memory-mb)")
         lower = ["a smaller ROI"] + (["a 'patch_size' in the model card (tiles instead of one pass)"]
                                      if patch is None else ["a smaller 'patch_size' or less 'sliding_window.overlap' "
                                                             "in the model card (or --overlap)"]) + knobs
@@ -691,8 +683,8 @@ class Explainer:
             # Only the tiles that reach the target's region are predicted (all of them: the blend there is exact).
             probabilities, predicted = self._extent_probabilities(prepared, resolved.box, progress, cancel)
             timings["predict_s"] = time.perf_counter() - started - timings["prepare_s"]
-        if spec.family == "prediction" and predicted != Box.whole(shape):
-            plan = dataclasses.replace(plan, extent=resolved.box)  # the model's own map: where it was predicted
+        if spec.family == "prediction":  # the model's own map, over the target's region
+            plan = dataclasses.replace(plan, extent=resolved.box)
         monitor.total = max(samples * tiles_run, 1.0)
         monitor.report(f"{spec.label}: {len(plan.tiles)} tile(s)", 0.0)
 
