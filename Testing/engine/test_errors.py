@@ -95,8 +95,10 @@ class Thresholded(nn.Module):
 
 
 def test_model_without_gradient(volume):
+    # Its outputs are fractions in [0, 1] already: a softmax on them would be refused as a second activation.
     card = ModelCard.from_dict({"name": "hard", "task": "classification", "class_names": ["a", "b"],
-                                "format": "torchscript", "weights": "-", "patch_size": [32, 32, 32]})
+                                "format": "torchscript", "weights": "-", "patch_size": [32, 32, 32],
+                                "output_activation": "none"})
     explainer = Explainer(LoadedModel(Thresholded(), card, "0" * 64), device="cpu")
     with pytest.raises(MethodError, match="has no gradient with respect to its input"):
         explainer.explain(volume, "integrated_gradients", settings={"steps": 4})

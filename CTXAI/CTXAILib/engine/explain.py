@@ -494,7 +494,7 @@ class Explainer:
         scale = 1.0 if patch is not None else float(np.prod(extent.shape)) / float(np.prod(probe))
         memory = self._sample_bytes(probe) * scale * (3 if backward else 1)
         available = self.budget.bytes  # a batch of one beyond it runs anyway: past the memory the run may take
-        if patch is None and scale > 1.0:
+        if patch is None and scale > 1.0 and spec is not None:  # said once, for the method's passes
             giant = (f"Model {self.model.card.name!r} has no patch size, so each pass takes the whole "
                      f"{'x'.join(map(str, extent.shape))} (k,j,i) extent at once: about {memory / 2 ** 30:.2g} GiB "
                      f"of activations per {'forward and backward ' if backward else ''}pass (scaled from a "
