@@ -57,6 +57,12 @@ def _card(folder: Path, name: str, weights: str, **changes) -> Path:
 
 
 @pytest.fixture(scope="session")
+def logits_explainer(trained):
+    """One explainer of the logits network behind a card (sigmoid), shared: its batch sizes are measured once."""
+    return Explainer(_card(trained, "logits-card", "logits.pt"), device="cpu")
+
+
+@pytest.fixture(scope="session")
 def pore_volume():
     return ct_volume((32, 32, 32))
 
@@ -87,15 +93,14 @@ def test_bare_probability_model_gets_no_second_activation_and_one_warning(traine
     assert load_model(trained / "logits.pt").card.output_activation == "sigmoid"
 
 
-def test_a_second_activation_is_refused_and_logits_are_not(trained, pore_volume):
+def test_a_second_activation_is_refused_and_logits_are_not(trained, pore_volume, logits_explainer):
     probabilities = _card(trained, "sigmoid-on-probabilities", "probabilities.pt")
     roi = Target(region=BoxRegion(Box((12, 12, 12), (20, 20, 20))))
     with pytest.raises(ModelError, match="already outputs probabilities.*every value lies in \\[0, 1\\].*"
                                          "second activation.*\"output_activation\": \"none\""):
         Explainer(probabilities, device="cpu").explain(pore_volume, "saliency", roi)
     none = _card(trained, "probabilities-none", "probabilities.pt", output_activation="none")
-    logits = _card(trained, "logits-card", "logits.pt")  # the control: a card's sigmoid on logits is right
-    once = Explainer(logits, device="cpu").explain(pore_volume, "confidence", roi).confidence.array
+    once = logits_explainer.explain(pore_volume, "confidence", roi).confidence.array  # control: sigmoid on logits
     own = Explainer(none, device="cpu").explain(pore_volume, "confidence", roi).confidence.array
     np.testing.assert_array_equal(np.isnan(once), np.isnan(own))
     np.testing.assert_allclose(once[~np.isnan(once)], own[~np.isnan(own)], atol=1e-3)
@@ -113,8 +118,8 @@ def test_class_count_mismatch_fails_at_load_in_one_line(trained, pore_file, tmp_
         assert not (tmp_path / "run").exists()
 
 
-def test_point_for_confidence_needs_no_predicted_component(trained, pore_volume):
-    explainer = Explainer(_card(trained, "logits-card", "logits.pt"), device="cpu")
+def test_point_for_confidence_needs_no_predicted_component(logits_explainer, pore_volume):
+    explainer = logits_explainer
     predicted = explainer.class_mask(pore_volume, 0)
     assert 0 < predicted.mean() < 0.5
     k, j, i = np.argwhere(~predicted)[len(np.argwhere(~predicted)) // 2]
@@ -134,10 +139,10 @@ def test_roi_predicts_only_its_region(trained):
     card = _card(trained, "logits-state", "logits-state.pt", format="state_dict",
                  architecture={"name": "ctxai.UNet3D", "params": {"out_channels": 1, "widths": [4, 8]}})
     explainer = Explainer(card, device="cpu")
-    large = ct_volume((96, 96, 96))
+    large = ct_volume((72, 72, 72))
     seen = []  # every sample the model is given; batch-size timing and probes give it noise and zeros
     explainer.model.module.register_forward_pre_hook(lambda _module, inputs: seen.extend(inputs[0].clone()))
-    roi = Target(region=BoxRegion(Box((40, 40, 40), (48, 48, 48))))
+    roi = Target(region=BoxRegion(Box((30, 30, 30), (38, 38, 38))))
     grid = TileGrid(large.shape, (24, 24, 24), explainer.overlap)
     result = explainer.explain(large, "confidence", roi)
     x = explainer.prepare(large).x
@@ -146,9 +151,9 @@ def test_roi_predicts_only_its_region(trained):
         return [tile for tile in grid.tiles if any(torch.equal(crop_padded(x, tile)[0], sample) for sample in seen)]
 
     touching = grid.select(roi.region.box)
-    assert predicted_tiles() == touching and len(touching) == 8 and len(grid.tiles) == 125
+    assert predicted_tiles() == touching and len(touching) == 8 and len(grid.tiles) == 64
     confidence = result.confidence.array
-    inside = (slice(40, 48),) * 3
+    inside = (slice(30, 38),) * 3
     assert np.isfinite(confidence[inside]).all() and np.isnan(confidence).sum() == confidence.size - 8 ** 3
     # Exact there: the same as the whole volume's blended prediction.
     whole = explainer.segmentation_probabilities(explainer.prepare(large))[0]
@@ -177,8 +182,8 @@ def test_bare_model_without_patch_warns_its_memory(trained):
         Explainer(trained / "probabilities.pt", device="cpu", memory_mb=1).explain(volume, "saliency")
 
 
-def test_intensity_and_zero_map_warnings(trained, pore_volume):
-    explainer = Explainer(_card(trained, "logits-card", "logits.pt"), device="cpu")
+def test_intensity_and_zero_map_warnings(logits_explainer, pore_volume):
+    explainer = logits_explainer
     roi = Target(region=BoxRegion(Box((12, 12, 12), (20, 20, 20))))
     assert not [w for w in explainer.explain(pore_volume, "confidence", roi).warnings if "window" in w]  # control
     concrete = pore_volume.with_array(pore_volume.array + 6000.0)  # most voxels above the card's window
@@ -193,13 +198,14 @@ def test_intensity_and_zero_map_warnings(trained, pore_volume):
                .warnings)
 
 
-def test_spacing_warning_gives_the_factor_per_axis(trained):
-    explainer = Explainer(_card(trained, "logits-card", "logits.pt", spacing_mm=[1.0, 1.0, 1.0]), device="cpu")
-    volume = Volume(ct_volume((32, 32, 32)).array, spacing=(0.78, 0.78, 6.5))
+def test_spacing_warning_gives_the_factor_per_axis(logits_explainer, pore_volume):
+    explainer = logits_explainer  # its card: 0.2 mm along every axis
+    volume = Volume(pore_volume.array, spacing=(0.156, 0.156, 1.3))
     roi = Target(region=BoxRegion(Box((12, 12, 12), (20, 20, 20))))
     spacing = [w for w in explainer.explain(volume, "saliency", roi).warnings if "Voxel spacing" in w]
     assert len(spacing) == 1 and "1.28x in-plane (i, j), 0.154x through-plane (k)" in spacing[0]
-    assert not explainer._spacing_warnings(Volume(volume.array, spacing=(1.0, 1.0, 1.0)))  # control
+    assert "(0.156, 0.156, 1.3) mm" in spacing[0]
+    assert not explainer._spacing_warnings(pore_volume)  # control: the trained spacing
 
 
 def test_overlap_and_blend_change_the_tiling(trained, tmp_path):
@@ -223,13 +229,11 @@ def test_overlap_and_blend_change_the_tiling(trained, tmp_path):
     from CTXAILib import write_volume
 
     volume_file = write_volume(volume, tmp_path / "ct48.nrrd")
-    runs = {}
-    for overlap in ("0", "0.5"):
-        out = tmp_path / overlap
-        assert main(["explain", "--volume", str(volume_file), "--model", str(card), "--method", "saliency",
-                     "--overlap", overlap, "--blend", "gaussian", "--roi", "20,20,20,28,28,28", "--device", "cpu",
-                     "--quiet", "--out", str(out)]) == 0
-        runs[overlap] = json.loads((out / "run.json").read_text())
-    assert [runs[o]["sliding_window"]["overlap"] for o in runs] == [0.0, 0.5]
-    assert runs["0"]["sliding_window"]["tiles"] < runs["0.5"]["sliding_window"]["tiles"]
-    assert runs["0"]["sliding_window"]["blend"] == "gaussian"
+    # The command line overrides the card's 0.5 / constant: a ROI at the middle then meets 2 tiles per axis, not 3.
+    assert main(["explain", "--volume", str(volume_file), "--model", str(card), "--method", "saliency",
+                 "--overlap", "0", "--blend", "gaussian", "--roi", "20,20,20,28,28,28", "--device", "cpu",
+                 "--quiet", "--out", str(tmp_path / "run")]) == 0
+    window = json.loads((tmp_path / "run" / "run.json").read_text())["sliding_window"]
+    assert (window["overlap"], window["blend"], window["tiles"]) == (0.0, "gaussian", 8)
+    roi = Target(region=BoxRegion(Box((20, 20, 20), (28, 28, 28))))
+    assert Explainer(card, device="cpu", min_tile_share=0).explain(volume, "confidence", roi).tiling["tiles"] == 27
