@@ -212,8 +212,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--blend", choices=BLENDS, help="how overlapping tiles are combined: gaussian weights or a "
                                                    "constant (plain) average (default: the card's, else gaussian)")
     p.add_argument("--force", action="store_true",
-                   help="run even when the up-front estimate says it takes over 2 h or one pass needs more than "
-                        "the memory budget")
+                   help="run even when the up-front estimate says it takes over 2 h or one pass needs more "
+                        "memory than the device has free")
     p.add_argument("--output", choices=("full", "extent"), default="full",
                    help="map over the whole input (default) or only the computed extent")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling methods")

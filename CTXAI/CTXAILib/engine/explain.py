@@ -80,6 +80,15 @@ def _duration(seconds: float) -> str:
         f"{seconds:.3g} s"
 
 
+def _available_bytes(device: torch.device) -> int:
+    """Memory one pass may take: free GPU memory, or the RAM available on a CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
 def _intensity_warnings(card: ModelCard, raw: np.ndarray) -> list[str]:
     """Warnings, with figures, when the volume's grey values do not fit the card's normalisation: a large
     fraction clipped by its window, or a range far from the one the model was trained on. Figures come from a
@@ -249,8 +258,8 @@ class Explainer:
     makes the tiled answer exact. ``channels_last`` (default: on GPU) stores convolution weights as NDHWC.
 
     Before a run starts its cost is estimated (tile passes x seconds per pass, timed on one patch; activation memory
-    of one pass): a run over ``time_limit_s`` or whose one pass needs more than the memory budget is refused with
-    the estimate and what lowers it, unless ``force``.
+    of one pass): a run over ``time_limit_s`` or whose one pass needs more memory than the device has free is
+    refused with the estimate and what lowers it, unless ``force``.
     """
 
     def __init__(self, model: LoadedModel | str | Path, device: str | torch.device = "auto", precision: str = "fp32",
@@ -484,7 +493,7 @@ class Explainer:
     def _check_cost(self, what: str, passes: float, backward: bool, extent: Box, warnings: list[str],
                     spec: MethodSpec | None = None) -> float | None:
         """Estimate a run of ``passes`` tile passes over ``extent`` before it starts; refuse one that would take
-        longer than ``time_limit_s`` or need more than the memory budget (unless ``force``); warn when a model
+        longer than ``time_limit_s`` or need more memory than the device has free (unless ``force``); warn when a model
         without a patch size takes the whole extent in one pass. Returns the estimated seconds (None: not timed,
         the run is shorter than timing it)."""
         patch = self.model.card.patch_shape
@@ -493,7 +502,8 @@ class Explainer:
         # rather than learnt by running the giant pass.
         scale = 1.0 if patch is not None else float(np.prod(extent.shape)) / float(np.prod(probe))
         memory = self._sample_bytes(probe) * scale * (3 if backward else 1)
-        available = self.budget.bytes  # a batch of one beyond it runs anyway: past the memory the run may take
+        # The budget only sizes batches (a pass of one beyond it still runs): the device's free memory is the limit.
+        available = _available_bytes(self.device)
         if patch is None and scale > 1.0 and spec is not None:  # said once, for the method's passes
             giant = (f"Model {self.model.card.name!r} has no patch size, so each pass takes the whole "
                      f"{'x'.join(map(str, extent.shape))} (k,j,i) extent at once: about {memory / 2 ** 30:.2g} GiB "
@@ -514,7 +524,7 @@ class Explainer:
                            f"{_duration(self.time_limit_s)} limit")
         if memory > available:
             figures.append(f"needs about {memory / 2 ** 30:.2g} GiB for one pass, more than the "
-                           f"{available / 2 ** 30:.2g} GiB memory budget on {self.device} (--memory-mb)")
+                           f"{available / 2 ** 30:.2g} GiB free on {self.device}")
         lower = ["a smaller ROI"] + (["a 'patch_size' in the model card (tiles instead of one pass)"]
                                      if patch is None else ["a smaller 'patch_size' or less 'sliding_window.overlap' "
                                                             "in the model card (or --overlap)"]) + knobs
