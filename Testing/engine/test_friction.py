@@ -162,15 +162,15 @@ def test_roi_predicts_only_its_region(trained):
 
 
 def test_cost_estimate_refuses_a_long_run_unless_forced(trained, pore_volume):
-    card = _card(trained, "logits-card", "logits.pt")
+    explainer = Explainer(_card(trained, "logits-card", "logits.pt"), device="cpu", time_limit_s=1e-3)
     roi = Target(region=BoxRegion(Box((2, 2, 2), (6, 6, 6))))  # in one tile: 32 passes of SmoothGrad
     with pytest.raises(MethodError, match=r"would take about .* \(32 model passes x .* s per pass measured on cpu\)"
                                           r".*--set samples=.*--force"):
-        Explainer(card, device="cpu", time_limit_s=1e-3).explain(pore_volume, "smoothgrad", roi, settings=dict(samples=32))
-    forced = Explainer(card, device="cpu", time_limit_s=1e-3, force=True).explain(
-        pore_volume, "smoothgrad", roi, settings=dict(samples=32))
+        explainer.explain(pore_volume, "smoothgrad", roi, settings=dict(samples=32))
+    explainer.force = True
+    forced = explainer.explain(pore_volume, "smoothgrad", roi, settings=dict(samples=32))
     assert forced.timings["estimate_s"] > 1e-3 and forced.attribution.array.any()
-    assert "estimate_s" not in Explainer(card, device="cpu").explain(pore_volume, "saliency", roi).timings
+    assert "estimate_s" not in explainer.explain(pore_volume, "saliency", roi).timings  # 1 pass: not timed
 
 
 def test_bare_model_without_patch_warns_its_memory(trained):
@@ -235,5 +235,4 @@ def test_overlap_and_blend_change_the_tiling(trained, tmp_path):
                  "--quiet", "--out", str(tmp_path / "run")]) == 0
     window = json.loads((tmp_path / "run" / "run.json").read_text())["sliding_window"]
     assert (window["overlap"], window["blend"], window["tiles"]) == (0.0, "gaussian", 8)
-    roi = Target(region=BoxRegion(Box((20, 20, 20), (28, 28, 28))))
-    assert Explainer(card, device="cpu", min_tile_share=0).explain(volume, "confidence", roi).tiling["tiles"] == 27
+    assert len(Explainer(card, device="cpu")._grid(volume.shape).select(Box((20, 20, 20), (28, 28, 28)))) == 27
