@@ -140,13 +140,14 @@ class CTXAILogic(ScriptedLoadableModuleLogic):
                 "score": p.score.value, "roi": p.roi if p.where == Where.ROI else None,
                 "point": p.point if p.where == Where.Point else None, "component": p.component,
                 "layer": (p.layer or None) if needsLayer else None, "settings": settings, "device": p.device,
-                "precision": p.precision, "seed": p.seed, "opacity": p.opacity, "topPercent": p.topPercent,
+                "precision": p.precision, "overlap": p.overlap, "blend": p.blend, "seed": p.seed,
+                "opacity": p.opacity, "topPercent": p.topPercent,
                 "colormap": p.colormap.value, "render3d": p.render3d}
 
     def explain(self, inputVolume, modelPath=None, method="gradcam", targetClass=None, roi=None, point=None,
                 layer=None, settings=None, device="auto", blocking=True, progressCallback=None, *,
                 contrastClass=None, score="logit", component=True, precision="fp32", seed=0, checks=None, auditLog=None,
-                **display):
+                overlap=None, blend=None, **display):
         """Explain ``targetClass`` of a model on a volume node.
 
         :param inputVolume: the CT volume node; results get exactly its geometry.
@@ -159,6 +160,9 @@ class CTXAILogic(ScriptedLoadableModuleLogic):
             voxel; for a classifier it centres the patch. Neither ROI nor point: the whole volume.
         :param layer: the CAM layer (default: the card's); ``settings``: method settings by name.
         :param device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ``precision``: fp32, bf16 or fp16.
+        :param overlap: fraction of the patch that neighbouring sliding-window tiles share, in [0, 1); ``blend``:
+            ``gaussian`` or ``constant`` (a plain average); None: the model card's ``sliding_window``, else 0.25 and
+            gaussian.
         :param blocking: wait for the result (the GUI stays alive) and return its
             :class:`CTXAILib.scene.bridge.RunNodes`; False: return the job id at once (follow it with :meth:`poll`).
         :param progressCallback: called while blocking with each progress event
@@ -192,8 +196,8 @@ class CTXAILogic(ScriptedLoadableModuleLogic):
             where="roi" if roi is not None else "point" if point is not None else "whole",
             roi=roi.GetID() if roi is not None else None, point=point.GetID() if point is not None else None,
             component=component, layer=layer or None, settings=dict(settings or {}), device=device,
-            precision=precision, seed=seed, **({} if checks is None else {"checks": tuple(checks)}),
-            audit_log=str(auditLog) if auditLog else None,
+            precision=precision, overlap=overlap, blend=blend, seed=seed,
+            **({} if checks is None else {"checks": tuple(checks)}), audit_log=str(auditLog) if auditLog else None,
             **{DISPLAY_OPTIONS[name]: value for name, value in display.items()})
         if not blocking:
             return self.session.start(request)

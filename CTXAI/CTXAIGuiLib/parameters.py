@@ -15,6 +15,7 @@ from slicer.parameterNodeWrapper import Choice, Default, WithinRange, parameterN
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:0", "cuda:1", "cuda:2", "cuda:3")
 PRECISIONS = ("fp32", "bf16", "fp16")
+BLENDS = ("gaussian", "constant")  # CTXAILib.engine.modelcard.BLENDS: the GUI imports no engine module at load
 DEFAULT_METHOD = "gradcam"
 
 
@@ -80,6 +81,8 @@ class CTXAIParameterNode:
     methodSettings: str = "{}"             # JSON {method: {setting: value}}
     device: Annotated[str, Choice(DEVICES)] = "auto"
     precision: Annotated[str, Choice(PRECISIONS)] = "fp32"
+    overlap: Annotated[float, WithinRange(0.0, 0.95)] = 0.25  # set from the card's sliding_window on loading
+    blend: Annotated[str, Choice(BLENDS)] = "gaussian"
     seed: Annotated[int, WithinRange(0, 999999)] = 0
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     colormap: Colormap = Colormap.Auto

@@ -317,6 +317,10 @@ class CTXAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             default = self._description.get("default_layer") or ""
             self._fillComboBox("layer", [(f"{layer['name']}  ({layer['type']}, {layer.get('output_shape')})",
                                           layer["name"]) for layer in layers], default)
+            # The model's own tiling, as its card states it; the analyst may change it for the next runs.
+            window = card.get("sliding_window") or {}
+            self._parameterNode.overlap = window.get("overlap", 0.25)
+            self._parameterNode.blend = window.get("blend", "gaussian")
         self._showModelCard()
         self._rebuildSettingsForm()
         self._updateGuiState()

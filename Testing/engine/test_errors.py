@@ -79,7 +79,7 @@ def test_clicked_point_without_defect(seg_explainer, volume):
 
     probabilities = seg_explainer.segmentation_probabilities(seg_explainer.prepare(volume))
     background = np.argwhere(probabilities.argmax(axis=0) == 0)[0][::-1]
-    with pytest.raises(RegionError, match="No predicted defect of the target class at voxel"):
+    with pytest.raises(RegionError, match="No predicted region of class 'defect' at voxel"):
         seg_explainer.explain(volume, "saliency", Target("defect", region=ComponentRegion(tuple(background))))
 
 
@@ -95,8 +95,10 @@ class Thresholded(nn.Module):
 
 
 def test_model_without_gradient(volume):
+    # Its outputs are fractions in [0, 1] already: a softmax on them would be refused as a second activation.
     card = ModelCard.from_dict({"name": "hard", "task": "classification", "class_names": ["a", "b"],
-                                "format": "torchscript", "weights": "-", "patch_size": [32, 32, 32]})
+                                "format": "torchscript", "weights": "-", "patch_size": [32, 32, 32],
+                                "output_activation": "none"})
     explainer = Explainer(LoadedModel(Thresholded(), card, "0" * 64), device="cpu")
     with pytest.raises(MethodError, match="has no gradient with respect to its input"):
         explainer.explain(volume, "integrated_gradients", settings={"steps": 4})

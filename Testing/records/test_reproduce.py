@@ -22,7 +22,8 @@ def test_the_record_holds_what_a_rerun_needs(recorded_run):
     assert record["sources"]["reference_mask"]["path"] == str(recorded_run["mask"])
     assert record["target"]["region_spec"] == {"type": "box", "lo": [7, 17, 10], "hi": [14, 24, 17]}
     assert record["seed"] == 0 and record["output"] == "full" and record["precision"] == "fp32"
-    assert set(record["window"]) == {"overlap", "halo", "min_tile_share", "memory_mb"}
+    assert set(record["window"]) == {"overlap", "blend", "halo", "min_tile_share", "memory_mb", "tiles",
+                                     "predicted_ijk"}
     assert record["window"]["memory_mb"] > 0
 
 

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..engine.modelcard import BLENDS
 from ..errors import InputError
 from .terminal import TerminalProgress
 
@@ -61,6 +62,17 @@ def _memory_mb(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"--memory-mb must be a number of MiB greater than 0 (for example 512), "
                                          f"got {text!r}")
+    return value
+
+
+def _overlap(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"--overlap must be a fraction in [0, 1) of the patch that neighbouring "
+                                         f"tiles share (for example 0.5), got {text!r}")
     return value
 
 
@@ -145,7 +157,8 @@ def _cmd_explain(args) -> int:
                                    model.card.weights_path],
                         args.overwrite, started)
     claim_log(log_path(args.audit_log, args.out))
-    explainer = Explainer(model, device=args.device, precision=args.precision, memory_mb=args.memory_mb)
+    explainer = Explainer(model, device=args.device, precision=args.precision, memory_mb=args.memory_mb,
+                          overlap=args.overlap, blend=args.blend, force=args.force)
     bar = None if args.quiet else TerminalProgress()
     try:
         result, verified = explain_and_check(explainer, volume, args.method, target, checks=checks,
@@ -236,7 +249,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--roi", type=lambda t: _ints(t, 6, "--roi"), metavar="i0,j0,k0,i1,j1,k1",
                        help="IJK box (upper corner exclusive)")
     where.add_argument("--point", type=lambda t: _ints(t, 3, "--point"), metavar="i,j,k",
-                       help="voxel: the predicted defect containing it (segmentation) or the patch around it")
+                       help="voxel: the predicted region of the target class containing it (segmentation) or the "
+                            "patch around it")
     where.add_argument("--mask", help="label volume on the same grid; its non-zero voxels are the region")
     p.add_argument("--voxel", action="store_true", help="with --point: that voxel only, not its component")
     p.add_argument("--layer", help="layer for CAM methods (default: the card's, else the last conv)")
@@ -244,6 +258,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast on GPU")
     p.add_argument("--memory-mb", type=_memory_mb, help="activation memory budget (default: a share of free memory)")
+    p.add_argument("--overlap", type=_overlap, metavar="FRACTION",
+                   help="sliding-window overlap: the fraction of the patch neighbouring tiles share (default: the "
+                        "card's sliding_window, else 0.25); match the model's own inference tiling")
+    p.add_argument("--blend", choices=BLENDS, help="how overlapping tiles are combined: gaussian weights or a "
+                                                   "constant (plain) average (default: the card's, else gaussian)")
+    p.add_argument("--force", action="store_true",
+                   help="run even when the up-front estimate says it takes over 2 h or one pass needs more "
+                        "memory than the device has free")
     p.add_argument("--output", choices=("full", "extent"), default="full",
                    help="map over the whole input (default) or only the computed extent")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling methods")

@@ -10,6 +10,7 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field, replace
@@ -25,7 +26,7 @@ from . import methods  # noqa: F401  (registers every method)
 from .baselines import make_baseline
 from .geometry import Box, Volume
 from .methods.registry import MethodSpec, TileContext, VolumeContext, get_method
-from .modelcard import Normalization
+from .modelcard import BLENDS, ModelCard, Normalization
 from .models import LoadedModel, load_model
 from .progress import CancelToken, Progress, ProgressCallback, RunMonitor
 from .resample import ModelGrid
@@ -33,12 +34,16 @@ from .runtime import (BatchSearch, MemoryBudget, activation_bytes, autocast, is_
                       with_backoff)
 from .signs import SIGNS
 from .sliding import TileGrid, batched, crop_padded, predict_tiles
-from .targets import ResolvedTarget, Target
+from .targets import BoxRegion, ResolvedTarget, Target
 
 __all__ = ["Explainer", "Explanation", "Probe", "ScoreModel", "volume_sha256"]
 
 _BATCH_LIMIT = 64
 _RECHECK = 3.0      # a run this many times slower per sample than its batch choice predicted measures again
+_TIME_LIMIT_S = 2 * 3600.0  # a run estimated to take longer is refused unless forced
+_ESTIMATED_PASSES = 32      # runs of fewer tile passes start without a timed pass: they cost less than measuring
+_CLIPPED = 0.5              # a larger fraction of voxels beyond one end of the card's window is warned about
+                            # (air below the window's low end is common: half of its noisy voxels lie below)
 
 
 def volume_sha256(volume: Volume) -> str:
@@ -67,12 +72,70 @@ def _all_finite(array: np.ndarray) -> bool:
     return all(np.isfinite(array[..., k:k + 16, :, :]).all() for k in range(0, array.shape[-3], 16))
 
 
+def _scale_per_axis(factors: np.ndarray) -> str:
+    """Size factors along i, j, k in words, axes with the same factor (within 5 %) named together:
+    "1.28x in-plane (i, j), 0.15x through-plane (k)", or "0.5x along i, 1x along j, 2x along k"."""
+    i, j, k = (float(f) for f in factors)
+    if abs(i - j) <= 0.05 * max(i, j):
+        if abs(i - k) <= 0.05 * max(i, k):
+            return f"{i:.3g}x along every axis (i, j, k)"
+        return f"{i:.3g}x in-plane (i, j), {k:.3g}x through-plane (k)"
+    return f"{i:.3g}x along i, {j:.3g}x along j, {k:.3g}x along k"
+
+
 def activate(output: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "softmax":
         return torch.softmax(output, dim=1)
     if activation == "sigmoid":
         return torch.sigmoid(output)
     return output
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.3g} h" if seconds >= 3600 else f"{seconds / 60:.3g} min" if seconds >= 60 else \
+        f"{seconds:.3g} s"
+
+
+def _available_bytes(device: torch.device) -> int:
+    """Memory one pass may take: free GPU memory, or the RAM available on a CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def _intensity_warnings(card: ModelCard, raw: np.ndarray) -> list[str]:
+    """Warnings, with figures, when the volume's grey values do not fit the card's normalisation: a large
+    fraction clipped by its window, or a range far from the one the model was trained on. Figures come from a
+    strided sample of at most ~2 million voxels (a whole part would cost a copy of itself)."""
+    norm = card.normalization
+    if norm.type not in ("window", "meanstd"):
+        return []
+    step = max(1, int(np.ceil((raw.size / 2e6) ** (1 / 3))))
+    sample = np.asarray(raw[..., ::step, ::step, ::step], np.float64).ravel()
+    p1, p99 = (float(v) for v in np.percentile(sample, [1, 99]))
+    spread = f"1st-99th percentile {p1:.4g} to {p99:.4g}"
+    fix = f"Check that the volume is in the units the model was trained on, or fix 'normalization' in {card.path}."
+    if norm.type == "window":
+        lo, hi = norm.window
+        below, above = float(np.mean(sample < lo)), float(np.mean(sample > hi))
+        warnings = []
+        if max(below, above) > _CLIPPED:
+            warnings.append(f"{100 * (below + above):.3g} % of the voxels lie outside the card's window "
+                            f"[{lo:g}, {hi:g}] ({100 * below:.3g} % below, {100 * above:.3g} % above; {spread}) and "
+                            f"are clipped to its ends: the model sees them as one grey value and may find nothing. "
+                            f"{fix}")
+        elif p99 - p1 < 0.05 * (hi - lo):
+            warnings.append(f"The volume's grey values ({spread}) span {100 * (p99 - p1) / (hi - lo):.2g} % of the "
+                            f"card's window [{lo:g}, {hi:g}]: far from the range the model was trained on. {fix}")
+        return warnings
+    mean, std = float(sample.mean()), float(sample.std())
+    if abs(mean - norm.mean) > 3 * norm.std or not 0.1 * norm.std <= std <= 10 * norm.std:
+        return [f"The volume's grey values (mean {mean:.4g}, std {std:.4g}; {spread}) are far from the card's "
+                f"mean {norm.mean:g} and std {norm.std:g}: after normalisation they lie "
+                f"{(mean - norm.mean) / norm.std:+.3g} std from what the model was trained on. {fix}"]
+    return []
 
 
 class ScoreModel(nn.Module):
@@ -120,7 +183,9 @@ class ScoreModel(nn.Module):
 class Explanation:
     """The result of one run. ``attribution`` is float32 (k, j, i) in the input's exact geometry (or the
     computed extent's, with ``output="extent"``); ``confidence`` is the segmentation model's probability of the
-    target class over the whole input (None for classifiers)."""
+    target class (None for classifiers) over what was predicted: the whole input for a whole-volume or clicked-
+    component target, else only the region's bounding box (from the tiles that reach it: exact there), in the
+    input's geometry with NaN ("not predicted") outside it, or that box alone with ``output="extent"``."""
 
     attribution: Volume
     method: str
@@ -143,7 +208,8 @@ class Explanation:
     runner_up: str | None = None        # classification: the second most probable class of the explained patch
     seed: int = 0
     output: str = "full"
-    # How the run was tiled and batched (overlap, halo, min_tile_share, memory_mb): what re-running it needs.
+    # How the run was tiled and batched (overlap, blend, halo, min_tile_share, memory_mb: what re-running it needs),
+    # the tiles explained and the IJK box the model's prediction covers (a segmentation ROI run predicts only that).
     window: dict[str, Any] = field(default_factory=dict)
     resampling: dict[str, Any] | None = None  # the grids, when the card resamples to its spacing (engine/resample.py)
     ensemble: dict[str, Any] | None = None    # the members and how their maps were combined, for a fold ensemble
@@ -182,6 +248,8 @@ class _Prepared:
     normalization: Normalization  # the card's, with this volume's statistics when it has per-volume ones
     probabilities: np.ndarray | None = None  # segmentation: blended (classes, K, J, I)
     class_probabilities: dict[Box, np.ndarray] = field(default_factory=dict)  # classification, per extent
+    extent_probabilities: dict[Box, np.ndarray] = field(default_factory=dict)  # segmentation, per ROI extent
+    warnings: list[str] = field(default_factory=list)  # about the volume's intensities against the card
 
 
 @dataclass
@@ -206,15 +274,21 @@ class Explainer:
     """Explains a model's predictions on volumes; keeps the model on its device and the last volume prepared.
 
     ``memory_mb`` bounds activation memory (default: a share of free GPU memory or RAM); batch sizes follow it
-    and halve on out-of-memory. ``overlap`` and ``halo`` shape the sliding window (see :mod:`.sliding`). The tiles
+    and halve on out-of-memory. ``overlap``, ``blend`` and ``halo`` shape the sliding window (see :mod:`.sliding`);
+    ``overlap`` and ``blend`` default to the card's ``sliding_window``, else 0.25 and Gaussian. The tiles
     with the least say in a segmentation target's blended weight are skipped as long as together they carry at most
     ``min_tile_share`` of it, which changes the explained target by at most that share; 0 keeps every tile and
     makes the tiled answer exact. ``channels_last`` (default: on GPU) stores convolution weights as NDHWC.
+
+    Before a run starts its cost is estimated (tile passes x seconds per pass, timed on one patch; activation memory
+    of one pass): a run over ``time_limit_s`` or whose one pass needs more memory than the device has free is
+    refused with the estimate and what lowers it, unless ``force``.
     """
 
     def __init__(self, model: LoadedModel | str | Path, device: str | torch.device = "auto", precision: str = "fp32",
-                 memory_mb: float | None = None, overlap: float = 0.25, halo: int | None = None,
-                 min_tile_share: float = 0.01, channels_last: bool | None = None):
+                 memory_mb: float | None = None, overlap: float | None = None, halo: int | None = None,
+                 min_tile_share: float = 0.01, channels_last: bool | None = None, blend: str | None = None,
+                 force: bool = False, time_limit_s: float = _TIME_LIMIT_S):
         self.device = resolve_device(device)
         self.model = model if isinstance(model, LoadedModel) else load_model(model)
         self.model.to(self.device)
@@ -228,26 +302,45 @@ class Explainer:
         with autocast(self.device, precision):  # validates the precision name now rather than mid-run
             pass
         self.budget = MemoryBudget.default(self.device, memory_mb)
-        if not 0.0 <= overlap < 1.0:
-            raise InputError(f"Sliding-window overlap must be in [0, 1), got {overlap}.")
-        self.overlap = overlap
+        self._prepared: _Prepared | None = None
+        self.overlap: float | None = None
+        self.blend: str | None = None
+        self.set_sliding_window(overlap, blend)
         if not 0.0 <= min_tile_share < 1.0:
             raise InputError(f"min_tile_share must be in [0, 1), got {min_tile_share}.")
         self.min_tile_share = min_tile_share
+        self.force = force
+        self.time_limit_s = time_limit_s
+        self._pass_seconds: dict[tuple, float] = {}
         patch = self.model.card.patch_shape
         self.halo = halo if halo is not None else (min(patch) // 8 if patch else 0)
-        self._prepared: _Prepared | None = None
         self._model_grid: tuple[str, ModelGrid, Volume] | None = None  # input digest, grids, resampled input
         self._members: list[Explainer] | None = None
         self._per_sample: dict[tuple, int] = {}
         # (patch, backward) -> (fastest batch, largest tried, its seconds per sample, seconds the search took)
         self._fastest: dict[tuple, tuple[int, int, float, float]] = {}
 
+    def set_sliding_window(self, overlap: float | None = None, blend: str | None = None) -> None:
+        """The tiling of later runs: ``overlap`` (fraction of the patch shared by neighbouring tiles, in [0, 1))
+        and ``blend`` (one of :data:`~.modelcard.BLENDS`); None takes the card's ``sliding_window``, else 0.25 and
+        Gaussian. A change forgets the kept prediction, which was blended on the old tiling."""
+        window = self.model.card.sliding_window
+        overlap = float(window.get("overlap", 0.25) if overlap is None else overlap)
+        if not 0.0 <= overlap < 1.0:
+            raise InputError(f"Sliding-window overlap must be in [0, 1), got {overlap}: the fraction of the patch "
+                             "that neighbouring tiles share (e.g. 0.5).")
+        blend = window.get("blend", "gaussian") if blend is None else blend
+        if blend not in BLENDS:
+            raise InputError(f"Sliding-window blend must be one of {', '.join(BLENDS)}, got {blend!r}.")
+        if (overlap, blend) != (self.overlap, self.blend):
+            self._prepared = None
+        self.overlap, self.blend = overlap, blend
+
     def variant(self, model: LoadedModel) -> Explainer:
         """An explainer of another model of the same card (e.g. with re-initialised weights) that keeps this one's
         device, precision, memory budget, sliding window and measured batch sizes."""
         other = Explainer(model, self.device, self.precision, self.budget.bytes / 2 ** 20, self.overlap, self.halo,
-                          self.min_tile_share, self.channels_last)
+                          self.min_tile_share, self.channels_last, self.blend, self.force, self.time_limit_s)
         other._fastest = dict(self._fastest)
         other._per_sample = dict(self._per_sample)
         return other
@@ -286,7 +379,8 @@ class Explainer:
                 normalised[:, k:k + 16] = normalization.apply(array[:, k:k + 16])
         x = torch.from_numpy(normalised)[None]
         air = float(normalization.apply(card.raw_air(float(np.min(volume.array)))))
-        self._prepared = _Prepared(volume, x, sha, air, normalization)
+        self._prepared = _Prepared(volume, x, sha, air, normalization,
+                                   warnings=_intensity_warnings(card, volume.array))
         return self._prepared
 
     def model_grid(self, volume: Volume) -> tuple[ModelGrid, Volume] | None:
@@ -359,13 +453,15 @@ class Explainer:
             return []
         return [f"Voxel spacing {tuple(round(s, 4) for s in volume.spacing)} mm differs from the "
                 f"{tuple(expected)} mm model {self.model.card.name!r} was trained at; CTXAI does not resample, so "
-                "defects look {:.2g}x their trained size. Resample the volume in Slicer for faithful results."
-                .format(float(np.mean(1.0 / ratio)))]
+                f"defects look {_scale_per_axis(1.0 / ratio)} their trained size. Resample the volume in Slicer "
+                "for faithful results."]
 
     # ---------------------------------------------------------------------------------------- prediction
     def _run_model(self, inputs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), autocast(self.device, self.precision):
-            return activate(self.model(inputs.to(self.device)).float(), self.model.card.output_activation)
+            output = self.model(inputs.to(self.device)).float()
+        self.model.check_activation(output, "the first tile of a real volume")
+        return activate(output, self.model.card.output_activation)
 
     def _forward_batch(self, shape: tuple[int, ...], needed: int = _BATCH_LIMIT,
                        monitor: RunMonitor | None = None) -> int:
@@ -458,25 +554,104 @@ class Explainer:
         Kept as float16: a probability needs no more than its 5e-4 resolution, and these maps are the largest
         thing a run over a whole part holds besides the volume itself."""
         if prepared.probabilities is None:
-            grid = self._grid(prepared.volume.shape)
-            message = f"predicting (sliding window, {len(grid.tiles)} tiles)"
-            monitor = RunMonitor(len(grid.tiles), progress, cancel, message=message)
-            monitor.report(message, 0.0)
-            start = monitor.done
-
-            def predict(limit: int) -> np.ndarray:
-                # A first pass measures the batch size on its own tiles: no time on made-up input before it starts.
-                batches = self._batch_search(grid.patch, False, limit, len(grid.tiles))
-                probabilities = predict_tiles(self._run_model, prepared.x, grid, Box.whole(prepared.volume.shape),
-                                              batches, monitor.tick, dtype=np.float16)
-                if isinstance(batches, BatchSearch):
-                    self._keep_search(grid.patch, False, batches)
-                return probabilities
-
-            prepared.probabilities = with_backoff(predict, self._forward_limit(grid.patch),
-                                                  on_retry=lambda _b: monitor.rewind(start))
-            self._check_finite(prepared.probabilities, Box.whole(prepared.volume.shape))
+            prepared.probabilities = self._predict(prepared, Box.whole(prepared.volume.shape), progress, cancel)
         return prepared.probabilities
+
+    def _extent_probabilities(self, prepared: _Prepared, extent: Box, progress: ProgressCallback | None = None,
+                              cancel: CancelToken | None = None) -> tuple[np.ndarray, Box]:
+        """Blended class probabilities over ``extent`` and the box they cover: the whole volume's when it is
+        predicted already, else only ``extent``'s, from the tiles that reach it (exact there), cached."""
+        if prepared.probabilities is not None or extent == Box.whole(prepared.volume.shape):
+            return self.segmentation_probabilities(prepared, progress, cancel), Box.whole(prepared.volume.shape)
+        if extent not in prepared.extent_probabilities:
+            prepared.extent_probabilities[extent] = self._predict(prepared, extent, progress, cancel)
+        return prepared.extent_probabilities[extent], extent
+
+    def _predict(self, prepared: _Prepared, box: Box, progress: ProgressCallback | None,
+                 cancel: CancelToken | None) -> np.ndarray:
+        grid = self._grid(prepared.volume.shape)
+        tiles = len(grid.select(box))
+        message = f"predicting (sliding window, {tiles} tiles)"
+        monitor = RunMonitor(tiles, progress, cancel, message=message)
+        monitor.report(message, 0.0)
+        start = monitor.done
+
+        def predict(limit: int) -> np.ndarray:
+            # A first pass measures the batch size on its own tiles: no time on made-up input before it starts.
+            batches = self._batch_search(grid.patch, False, limit, tiles)
+            probabilities = predict_tiles(self._run_model, prepared.x, grid, box, batches, monitor.tick,
+                                          dtype=np.float16)
+            if isinstance(batches, BatchSearch):
+                self._keep_search(grid.patch, False, batches)
+            return probabilities
+
+        probabilities = with_backoff(predict, self._forward_limit(grid.patch),
+                                     on_retry=lambda _b: monitor.rewind(start))
+        self._check_finite(probabilities, box)
+        return probabilities
+
+    def _check_cost(self, what: str, passes: float, backward: bool, extent: Box, warnings: list[str],
+                    spec: MethodSpec | None = None) -> float | None:
+        """Estimate a run of ``passes`` tile passes over ``extent`` before it starts; refuse one that would take
+        longer than ``time_limit_s`` or need more memory than the device has free (unless ``force``); warn when a model
+        without a patch size takes the whole extent in one pass. Returns the estimated seconds (None: not timed,
+        the run is shorter than timing it)."""
+        patch = self.model.card.patch_shape
+        probe = self.model.probe_shape()
+        # A model that takes any size runs the whole extent at once: its cost is scaled from the probe patch
+        # rather than learnt by running the giant pass.
+        scale = 1.0 if patch is not None else float(np.prod(extent.shape)) / float(np.prod(probe))
+        memory = self._sample_bytes(probe) * scale * (3 if backward else 1)
+        # The budget only sizes batches (a pass of one beyond it still runs): the device's free memory is the limit.
+        available = _available_bytes(self.device)
+        if patch is None and scale > 1.0 and spec is not None:  # said once, for the method's passes
+            giant = (f"Model {self.model.card.name!r} has no patch size, so each pass takes the whole "
+                     f"{'x'.join(map(str, extent.shape))} (k,j,i) extent at once: about {memory / 2 ** 30:.2g} GiB "
+                     f"of activations per {'forward and backward ' if backward else ''}pass (scaled from a "
+                     f"{'x'.join(map(str, probe))} probe). Give 'patch_size' in a model card to tile it.")
+            warnings.append(giant)
+        seconds = None
+        if passes >= _ESTIMATED_PASSES or scale > 1.0:
+            seconds = passes * self._seconds_per_pass(probe, backward) * scale
+        too_long = seconds is not None and seconds > self.time_limit_s
+        if self.force or not (too_long or memory > available):
+            return seconds
+        knobs = [f"--set {s.name}=..." for s in (spec.settings if spec is not None else ()) if s.kind == "int"]
+        figures = []
+        if too_long:
+            figures.append(f"would take about {_duration(seconds)} ({passes:.0f} model passes x "
+                           f"{seconds / passes:.2g} s per pass measured on {self.device}), more than the "
+                           f"{_duration(self.time_limit_s)} limit")
+        if memory > available:
+            figures.append(f"needs about {memory / 2 ** 30:.2g} GiB for one pass, more than the "
+                           f"{available / 2 ** 30:.2g} GiB free on {self.device}")
+        lower = ["a smaller ROI"] + (["a 'patch_size' in the model card (tiles instead of one pass)"]
+                                     if patch is None else ["a smaller 'patch_size' or less 'sliding_window.overlap' "
+                                                            "in the model card (or --overlap)"]) + knobs
+        raise MethodError(f"{what} {' and '.join(figures)}. Lower it with {', '.join(lower)}, or run it anyway "
+                          "with --force (force=True).")
+
+    def _seconds_per_pass(self, shape: tuple[int, ...], backward: bool) -> float:
+        """Seconds of one forward (and backward) pass over one ``shape`` patch at batch 1: the batch search's
+        measurement when there is one, else one timed pass after a warm-up, kept with the explainer."""
+        key = (tuple(shape), backward)
+        if key in self._fastest:
+            return self._fastest[key][2]
+        if key not in self._pass_seconds:
+            x = torch.rand((1, self.model.card.input_channels) + tuple(shape), device=self.device,
+                           requires_grad=backward)
+            timed = []
+            for _ in range(2):  # the first call selects kernels and allocates: only the second is timed
+                started = time.perf_counter()
+                with torch.set_grad_enabled(backward), autocast(self.device, self.precision):
+                    out = self.model(x)
+                    if backward and out.requires_grad:
+                        torch.autograd.grad(out.float().sum(), x)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                timed.append(time.perf_counter() - started)
+            self._pass_seconds[key] = timed[-1]
+        return self._pass_seconds[key]
 
     def _check_finite(self, output: np.ndarray, extent: Box) -> None:
         if _all_finite(output):
@@ -508,7 +683,7 @@ class Explainer:
 
     # -------------------------------------------------------------------------------------------- plan
     def _grid(self, shape: tuple[int, int, int], extent: Box | None = None) -> TileGrid:
-        return TileGrid(shape, self.model.card.patch_shape, self.overlap, extent, self.halo)
+        return TileGrid(shape, self.model.card.patch_shape, self.overlap, extent, self.halo, self.blend)
 
     def _plan(self, shape: tuple[int, int, int], target: ResolvedTarget) -> _Plan:
         card = self.model.card
@@ -592,14 +767,22 @@ class Explainer:
         monitor = RunMonitor(callback=progress, cancel=cancel, message=spec.label)
         monitor.report("preparing input", 0.0)
         prepared = self.prepare(volume)
-        warnings = list(self.model.warnings) + self._spacing_warnings(volume)
+        warnings = list(self.model.warnings) + self._spacing_warnings(volume) + prepared.warnings
         shape = volume.shape
         timings = {"prepare_s": time.perf_counter() - started}
 
-        probabilities = class_probs = None
-        if card.task == "segmentation":
-            probabilities = self.segmentation_probabilities(prepared, progress, cancel)
-            resolved = target.resolve(card, shape, class_masks=self._class_masks(probabilities))
+        probabilities = class_probs = predicted = None
+        if card.task == "segmentation" and target.region.needs_prediction:
+            # A clicked component can reach anywhere: the whole volume is predicted to find it.
+            self._check_cost("Predicting the whole volume", len(self._grid(shape).tiles), False, Box.whole(shape),
+                             warnings)
+            probabilities, predicted = self.segmentation_probabilities(prepared, progress, cancel), Box.whole(shape)
+            masks = self._class_masks(probabilities)
+            if spec.family == "prediction":
+                target = self._confidence_target(target, masks, warnings)
+            resolved = target.resolve(card, shape, class_masks=masks)
+        elif card.task == "segmentation":
+            resolved = target.resolve(card, shape)
         else:
             def classify(box: Box) -> int:
                 return int(np.argmax(self.class_probabilities(prepared, self.patch_extent(box, shape), monitor)))
@@ -611,7 +794,18 @@ class Explainer:
         plan = self._plan(shape, resolved)
         layer_module, layer_name = self._layer(spec, layer, plan.grid.patch)
         tiles_run = 1 if spec.aggregation == "volume" else len(plan.tiles)
-        monitor.total = max(spec.samples(values, plan.extent.shape) * tiles_run, 1.0)
+        samples = spec.samples(values, plan.extent.shape)
+        estimate = self._check_cost(spec.label, samples * len(plan.tiles), spec.needs_gradient, plan.extent,
+                                    warnings, spec)
+        if estimate is not None:
+            timings["estimate_s"] = estimate
+        if card.task == "segmentation" and probabilities is None:
+            # Only the tiles that reach the target's region are predicted (all of them: the blend there is exact).
+            probabilities, predicted = self._extent_probabilities(prepared, resolved.box, progress, cancel)
+            timings["predict_s"] = time.perf_counter() - started - timings["prepare_s"]
+        if spec.family == "prediction":  # the model's own map, over the target's region
+            plan = dataclasses.replace(plan, extent=resolved.box)
+        monitor.total = max(samples * tiles_run, 1.0)
         monitor.report(f"{spec.label}: {len(plan.tiles)} tile(s)", 0.0)
 
         t0 = time.perf_counter()
@@ -621,8 +815,12 @@ class Explainer:
         activation = card.output_activation if score == "probability" else "none"
         if spec.aggregation == "volume":
             notes: list[str] = []
+            # Predicted over the target's region only (the confidence method's extent); other methods need none.
+            covered = probabilities is not None and plan.extent.intersect(predicted) == plan.extent
+            extent_probabilities = None if not covered else \
+                probabilities[(slice(None),) + plan.extent.offset([-v for v in predicted.lo]).slices]
             result = self._run_volume(spec, values, prepared, plan, resolved, activation, baselines, monitor, seed,
-                                      probabilities, notes)
+                                      extent_probabilities, notes)
             warnings += notes
         else:
             result = self._run_tiles(spec, values, prepared, plan, layer_module, activation, baselines, monitor, seed)
@@ -636,6 +834,10 @@ class Explainer:
             hint = "try fp32 precision or other settings" if self.precision != "fp32" else "try other settings"
             raise MethodError(f"{spec.label} produced non-finite values on this input (numerical overflow); "
                               f"{hint}.")
+        if not result.any():
+            warnings.append(f"The {spec.label} map is zero everywhere: the target did not change with anything the "
+                            "method tried. Check the intensity warnings above, the target (class, region) and the "
+                            "settings (baseline, window) before reading anything into it.")
         scores = {}
         if evaluate is not None and spec.family != "prediction":
             monitor.report("measuring the map's quality")
@@ -655,8 +857,8 @@ class Explainer:
             attribution = volume.embed(extent_volume, extent) if output == "full" else extent_volume
         confidence = runner_up = None
         if probabilities is not None:
-            confidence = volume.with_array(np.ascontiguousarray(probabilities[resolved.class_index], np.float32))
-            prediction = self._segmentation_summary(probabilities, resolved)
+            confidence = self._confidence_volume(volume, probabilities[resolved.class_index], predicted, output)
+            prediction = self._segmentation_summary(probabilities, resolved, predicted, shape)
         else:
             runner_up = next((card.class_names[int(i)] for i in np.argsort(-class_probs)
                               if int(i) != resolved.class_index), None)
@@ -675,8 +877,11 @@ class Explainer:
             device=str(self.device), precision=self.precision, input_sha256=prepared.sha256, warnings=warnings,
             quality=scores, normalization=_applied(card.normalization, prepared.normalization),
             fixed_target=resolved.fixed(), runner_up=runner_up, seed=seed, output=output,
-            window={"overlap": self.overlap, "halo": self.halo, "min_tile_share": self.min_tile_share,
-                    "memory_mb": self.budget.bytes / 2 ** 20})
+            window={"overlap": self.overlap, "blend": self.blend, "halo": self.halo,
+                    "min_tile_share": self.min_tile_share, "memory_mb": self.budget.bytes / 2 ** 20,
+                    "tiles": len(plan.tiles),
+                    **({} if predicted is None else
+                       {"predicted_ijk": {"lo": list(predicted.lo), "hi": list(predicted.hi)}})})
 
     def class_mask(self, volume: Volume, class_index: int) -> np.ndarray:
         """A segmentation model's predicted mask (k, j, i) of one class over the whole volume (cached prediction)."""
@@ -708,17 +913,48 @@ class Explainer:
             return mask
         return mask
 
-    def _segmentation_summary(self, probabilities: np.ndarray, target: ResolvedTarget) -> dict[str, Any]:
+    def _segmentation_summary(self, probabilities: np.ndarray, target: ResolvedTarget, predicted_box: Box,
+                              shape: tuple[int, int, int]) -> dict[str, Any]:
+        """The prediction in the target's region; ``probabilities`` cover ``predicted_box`` of a volume of
+        ``shape``, and the count of predicted voxels is over that box (the volume's, or the extent's)."""
         card = self.model.card
-        p = probabilities[target.class_index][target.box.slices]
+        box = target.box.offset([-v for v in predicted_box.lo])
+        p = probabilities[target.class_index][box.slices]
         inside = p if target.mask is None else p[target.mask]
         predicted = self._class_masks(probabilities)(target.class_index)
+        where = "volume" if predicted_box == Box.whole(shape) else "extent"
         return {"task": "segmentation", "class": card.class_names[target.class_index],
                 "region_voxels": int(inside.size),
-                "predicted_voxels_in_region": int((predicted[target.box.slices] if target.mask is None
-                                                   else predicted[target.box.slices][target.mask]).sum()),
+                "predicted_voxels_in_region": int((predicted[box.slices] if target.mask is None
+                                                   else predicted[box.slices][target.mask]).sum()),
                 "mean_probability_in_region": float(inside.mean()), "max_probability_in_region": float(inside.max()),
-                "predicted_voxels_in_volume": int(predicted.sum())}
+                f"predicted_voxels_in_{where}": int(predicted.sum())}
+
+    @staticmethod
+    def _confidence_volume(volume: Volume, probability: np.ndarray, predicted_box: Box, output: str) -> Volume:
+        """The target class's probability over what was predicted: NaN ("not predicted") elsewhere in the full
+        geometry, or only the predicted box with ``output="extent"``."""
+        probability = np.ascontiguousarray(probability, np.float32)
+        if predicted_box == Box.whole(volume.shape):
+            return volume.with_array(probability)
+        extent_volume = volume.crop(predicted_box).with_array(probability)
+        return volume.embed(extent_volume, predicted_box, fill=np.nan) if output == "full" else extent_volume
+
+    def _confidence_target(self, target: Target, masks: Callable[[int], np.ndarray], warnings: list[str]) -> Target:
+        """The confidence map needs no predicted component: a click outside one shows it over one patch (32³
+        for a model that takes any size) around the voxel."""
+        index = self.model.card.class_index(target.class_name) if target.class_name is not None else (
+            1 if len(self.model.card.class_names) > 1 else 0)
+        i, j, k = (int(round(v)) for v in target.region.ijk)
+        mask = masks(index)
+        if not (0 <= k < mask.shape[0] and 0 <= j < mask.shape[1] and 0 <= i < mask.shape[2]) or mask[k, j, i]:
+            return target  # outside the volume the region says so; inside a component the component is the region
+        warnings.append(f"No predicted region of class {self.model.card.class_names[index]!r} at voxel "
+                        f"{(i, j, k)} (i,j,k): the confidence map covers one patch around that voxel.")
+        limit = tuple(reversed(mask.shape))
+        size = tuple(min(s, n) for s, n in zip(reversed(self.model.probe_shape()), limit))
+        lo = [max(0, min(v - s // 2, n - s)) for v, s, n in zip((i, j, k), size, limit)]
+        return dataclasses.replace(target, region=BoxRegion(Box(lo, [a + s for a, s in zip(lo, size)])))
 
     def _layer(self, spec: MethodSpec, name: str | None, patch: tuple[int, int, int]) -> tuple[nn.Module | None, str | None]:
         if not spec.needs_layer:
@@ -814,8 +1050,10 @@ class Explainer:
     def _run_volume(self, spec: MethodSpec, values: dict, prepared: _Prepared, plan: _Plan, target: ResolvedTarget,
                     activation: str, baselines: _Baselines, monitor: RunMonitor, seed: int,
                     probabilities: np.ndarray | None, notes: list[str]) -> np.ndarray:
+        """A volume-aggregated method over ``plan.extent``; ``probabilities`` (classes, *extent) are the blended
+        predictions over that extent (segmentation)."""
         forward = self._tiled_forward(plan, activation, monitor)
-        crop = None if probabilities is None else (lambda: probabilities[(slice(None),) + plan.extent.slices])
+        crop = None if probabilities is None else (lambda: probabilities)
         tiles = [(tile.offset([-v for v in plan.extent.lo]),
                   lambda index=index: ScoreModel(self.model.module, plan.weights(index).to(self.device), activation,
                                                  monitor, self.precision))

@@ -21,6 +21,7 @@ Schema (every key is validated on load; an error names the file, the key and the
       "air_value": -1000,                          # raw grey value of air (baseline "air"); optional
       "output_activation": "softmax" | "sigmoid" | "none",
       "default_cam_layer": "features.block4",      # optional; else the last conv layer
+      "sliding_window": {"overlap": 0.5, "blend": "gaussian" | "constant"},  # optional: the model's own tiling
       "format": "torchscript" | "state_dict",
       "weights": "classifier.pt",                  # relative to the card
       "sha256": "<hex digest of the weights file>",# optional but checked when present
@@ -59,11 +60,14 @@ import numpy as np
 from ..errors import ModelError
 from .files import regular_file
 
-__all__ = ["Normalization", "ModelCard", "TASKS", "ACTIVATIONS", "FORMATS"]
+__all__ = ["Normalization", "ModelCard", "TASKS", "ACTIVATIONS", "FORMATS", "BLENDS"]
 
 TASKS = ("classification", "segmentation")
 ACTIVATIONS = ("softmax", "sigmoid", "none")
 FORMATS = ("torchscript", "state_dict")
+# How overlapping tiles' outputs are weighted: "gaussian" favours tile centres (MONAI's and nnU-Net's default),
+# "constant" is a plain average of the tiles that cover a voxel.
+BLENDS = ("gaussian", "constant")
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,7 @@ class ModelCard:
     air_value: float | None = None
     output_activation: str = "softmax"
     default_cam_layer: str | None = None
+    sliding_window: dict[str, Any] = field(default_factory=dict)  # {"overlap": float, "blend": str}, both optional
     sha256: str | None = None
     architecture: dict[str, Any] | None = None
     version: str | None = None
@@ -290,6 +295,7 @@ class ModelCard:
             air_value=check("air_value", (int, float)),
             output_activation=choice("output_activation", ACTIVATIONS, "softmax"),
             default_cam_layer=check("default_cam_layer", str),
+            sliding_window=_sliding_window(check("sliding_window", dict), where),
             sha256=sha.lower() if sha else None,
             architecture=architecture,
             version=None if data.get("version") is None else str(data["version"]),
@@ -326,6 +332,24 @@ def _pair(spec: dict, key: str, where: str, kind: str, increasing: bool = True) 
             or (increasing and value[1] <= value[0])):
         raise ModelError(f"{where}: {kind} normalisation needs {key!r}: [low, high] with low < high, got {value!r}.")
     return float(value[0]), float(value[1])
+
+
+def _sliding_window(spec: dict | None, where: str) -> dict[str, Any]:
+    """The card's own tiling: ``overlap`` in [0, 1) and ``blend`` one of :data:`BLENDS`, each optional."""
+    spec = dict(spec or {})
+    unknown = sorted(set(spec) - {"overlap", "blend"})
+    if unknown:
+        raise ModelError(f"{where}: 'sliding_window' takes 'overlap' and 'blend', not {', '.join(unknown)}.")
+    overlap = spec.get("overlap")
+    if overlap is not None and (isinstance(overlap, bool) or not isinstance(overlap, (int, float))
+                                or not 0.0 <= overlap < 1.0):
+        raise ModelError(f"{where}: 'sliding_window.overlap' must be a fraction in [0, 1) of the patch shared by "
+                         f"neighbouring tiles (e.g. 0.5), got {overlap!r}.")
+    if "blend" in spec and spec["blend"] not in BLENDS:
+        raise ModelError(f"{where}: 'sliding_window.blend' must be one of {', '.join(BLENDS)}, got "
+                         f"{spec['blend']!r}.")
+    return {**({"overlap": float(overlap)} if overlap is not None else {}),
+            **({"blend": spec["blend"]} if "blend" in spec else {})}
 
 
 def _normalization(spec: Any, where: str) -> Normalization:

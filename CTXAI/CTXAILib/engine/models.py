@@ -5,6 +5,10 @@ A model is a weights file plus a model card (see :mod:`.modelcard`). TorchScript
 architecture the card names, so no untrusted pickle ever runs. A bare TorchScript file without a card still works:
 the task is inferred from the output shape, with a warning saying what was assumed. A TorchScript model is run
 through its eager twin (:mod:`.scripted`) when one reproduces it, so that layer methods can hook its layers.
+
+An output that is already a probability (every value in [0, 1], or channels summing to 1) must not be activated a
+second time: a bare model with such output gets no activation assumed, and a card that names one is refused when
+the first tile of a real volume confirms what the load-time probes showed (:meth:`LoadedModel.check_activation`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from .modelcard import ModelCard
 from .networks import build_architecture
 from .scripted import EagerTwin, eager_twin
 
-__all__ = ["LayerInfo", "LoadedModel", "load_model", "sha256_file", "find_card"]
+__all__ = ["LayerInfo", "LoadedModel", "load_model", "sha256_file", "find_card", "activated_kind"]
 
 # Module types whose output is a spatial feature map a CAM can weight.
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -49,6 +53,32 @@ class LayerInfo:
 def _type_name(module: nn.Module) -> str:
     # The modules of a TorchScript model's eager twin that stand for the network's own classes carry their names.
     return getattr(module, "original_name", type(module).__name__)
+
+
+def activated_kind(output: torch.Tensor, tolerance: float = 1e-3) -> str | None:
+    """What an output (N, C, ...) looks like: ``"softmax"`` when its C > 1 channels are non-negative and sum to 1
+    (within ``tolerance``) everywhere, ``"sigmoid"`` when every value lies in [0, 1], None for logits."""
+    output = output.detach().float()
+    if output.numel() == 0 or not torch.isfinite(output).all():
+        return None
+    low, high = float(output.min()), float(output.max())
+    if output.shape[1] > 1 and low >= -tolerance and float((output.sum(1) - 1.0).abs().max()) <= tolerance:
+        return "softmax"
+    return "sigmoid" if low >= 0.0 and high <= 1.0 else None
+
+
+def _probe_inputs(channels: int, shape: tuple[int, ...], device: torch.device | str) -> list[torch.Tensor]:
+    """A zero patch and a seeded uniform [0, 1] one: a logit model leaves [0, 1] on at least one of them, while a
+    constant input alone can keep a logit output inside it."""
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.rand((1, channels) + tuple(shape), generator=generator)
+    return [torch.zeros((1, channels) + tuple(shape), device=device), noise.to(device)]
+
+
+def _describe_output(output: torch.Tensor) -> str:
+    output = output.detach().float()
+    return f"values {float(output.min()):.3g} to {float(output.max()):.3g}"
+
 
 
 def find_card(weights: Path) -> Path | None:
@@ -81,7 +111,8 @@ class LoadedModel:
     """
 
     def __init__(self, module: nn.Module, card: ModelCard, sha256: str, device: torch.device | str = "cpu",
-                 warnings_: list[str] | None = None, members: list[LoadedModel] | None = None):
+                 warnings_: list[str] | None = None, members: list[LoadedModel] | None = None,
+                 assumed_activation: bool = False):
         self.card = card
         self._torchscript = isinstance(module, torch.jit.ScriptModule)
         self.twin: EagerTwin | None = None
@@ -101,6 +132,10 @@ class LoadedModel:
         self.device = torch.device("cpu")
         self._layers: dict[tuple, list[LayerInfo]] = {}
         self._output_checked = False
+        # What the load-time probes' raw outputs looked like (see activated_kind); the first real tile confirms it.
+        self.probe_kind: str | None = None
+        self.assumed_activation = assumed_activation  # a bare model: the card's activation is a guess
+        self._activation_checked = False
         self.to(device)
 
     @property
@@ -148,26 +183,61 @@ class LoadedModel:
         return self.card.patch_shape or (32, 32, 32)
 
     def check_output(self) -> None:
-        """Run the model once on a zero patch, so that a 2-D model, one that fails on the card's input or one whose
-        output does not fit the card's task is refused here, in words, rather than deep inside a method."""
+        """Run the model once on a zero patch and once on a noise patch, so that a 2-D model, one that fails on the
+        card's input, one whose output does not fit the card's task or whose channels are not one per class name
+        is refused here, in words, rather than deep inside a method (or with an IndexError after a whole-volume
+        prediction). Also notes whether the output is already a probability (see :meth:`check_activation`)."""
         if self._output_checked:
             return
         shape = self.probe_shape()
-        x = torch.zeros((1, self.card.input_channels) + shape, device=self.device)
-        try:
-            with torch.no_grad():
-                output = self.module(x)
-        except Exception as exc:  # noqa: BLE001 - whatever the model raises, the analyst needs the cause in words
-            raise _run_failure(self.module, exc, x, f"Model {self.card.name!r}") from None
-        task = self.card.task
-        fits = isinstance(output, torch.Tensor) and (
-            output.ndim == 2 if task == "classification" else output.ndim == 5 and tuple(output.shape[2:]) == shape)
-        if not fits:
-            got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-            raise ModelError(f"Model {self.card.name!r} returns {got} for a {tuple(x.shape)} input, which does not "
-                             f"fit the task {task!r} of its card (a classifier returns (N, classes), a segmentation "
-                             f"model (N, classes, D, H, W) on the input's grid). Fix 'task' in {self.card.path}.")
+        outputs = []
+        for x in _probe_inputs(self.card.input_channels, shape, self.device):
+            try:
+                with torch.no_grad():
+                    output = self.module(x)
+            except Exception as exc:  # noqa: BLE001 - whatever the model raises, the analyst needs the cause in words
+                raise _run_failure(self.module, exc, x, f"Model {self.card.name!r}") from None
+            task = self.card.task
+            fits = isinstance(output, torch.Tensor) and (
+                output.ndim == 2 if task == "classification" else output.ndim == 5 and tuple(output.shape[2:]) == shape)
+            if not fits:
+                got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+                raise ModelError(f"Model {self.card.name!r} returns {got} for a {tuple(x.shape)} input, which does "
+                                 f"not fit the task {task!r} of its card (a classifier returns (N, classes), a "
+                                 "segmentation model (N, classes, D, H, W) on the input's grid). Fix 'task' in "
+                                 f"{self.card.path}.")
+            outputs.append(output)
+        names = self.card.class_names
+        if outputs[0].shape[1] != len(names):
+            raise ModelError(f"Model {self.card.name!r} has {outputs[0].shape[1]} output channel(s) but its card "
+                             f"names {len(names)} class(es) ({', '.join(names)}). Give 'class_names' one name per "
+                             f"output channel, in channel order, in {self.card.path}.")
+        kinds = {activated_kind(output) for output in outputs}
+        self.probe_kind = kinds.pop() if len(kinds) == 1 else None
         self._output_checked = True
+
+    def check_activation(self, output: torch.Tensor, where: str) -> None:
+        """Refuse a second activation, on the raw output of the first real input (``where`` names it): when both
+        the load-time probes and this output are already probabilities, a card's sigmoid or softmax would squash
+        them (a sigmoid maps [0, 1] to 0.50-0.73, every voxel above 0.5: all predicted). A bare model assumed to
+        output probabilities is refused when this output turns out to be logits."""
+        if self._activation_checked:
+            return
+        self._activation_checked = True
+        kind, activation = activated_kind(output), self.card.output_activation
+        if activation != "none" and kind is not None and self.probe_kind is not None:
+            what = "its channels sum to 1" if kind == "softmax" else "every value lies in [0, 1]"
+            fix = (f"Write a model card beside {self.card.weights_path.name} with \"output_activation\": \"none\""
+                   if self.assumed_activation else f"Set \"output_activation\": \"none\" in {self.card.path}")
+            raise ModelError(f"Model {self.card.name!r} already outputs probabilities: on load-time probes and on "
+                             f"{where} {what} ({_describe_output(output)}), so the {activation} "
+                             f"{'assumed for it' if self.assumed_activation else 'its card names'} would be a "
+                             f"second activation (squashing them and predicting every voxel). {fix}.")
+        if activation == "none" and self.assumed_activation and kind is None:
+            raise ModelError(f"Model {self.card.name!r} has no model card and looked like it outputs probabilities "
+                             f"on load-time probes, so no activation was assumed, but on {where} it outputs "
+                             f"logits ({_describe_output(output)}). Write a model card beside "
+                             f"{self.card.weights_path.name} naming its output_activation (sigmoid or softmax).")
 
     def layers(self, spatial_shape: tuple[int, int, int] | None = None) -> list[LayerInfo]:
         """Every named sub-module in execution order, with output shapes for one input of ``spatial_shape``."""
@@ -342,22 +412,31 @@ def _run_failure(module: nn.Module, exc: BaseException, x: torch.Tensor, what: s
 
 def _load_bare_torchscript(path: Path, digest: str, device: torch.device | str) -> LoadedModel:
     module = _jit_load(path)
-    probe = torch.zeros((1, 1, 32, 32, 32))
-    try:
-        with torch.no_grad():
-            output = module(probe)
-    except Exception as exc:  # noqa: BLE001 - whatever the model raises, the analyst needs the cause in words
-        raise _run_failure(module, exc, probe, f"{path} (no model card beside it, so 1 channel assumed)") from None
-    if not isinstance(output, torch.Tensor) or output.ndim not in (2, 5):
-        raise ModelError(f"{path} has no model card and its output {getattr(output, 'shape', type(output))} is "
-                         "neither (N, classes) nor (N, classes, D, H, W). Write a model card beside it.")
+    outputs = []
+    for probe in _probe_inputs(1, (32, 32, 32), "cpu"):
+        try:
+            with torch.no_grad():
+                output = module(probe)
+        except Exception as exc:  # noqa: BLE001 - whatever the model raises, the analyst needs the cause in words
+            raise _run_failure(module, exc, probe, f"{path} (no model card beside it, so 1 channel assumed)") from None
+        if not isinstance(output, torch.Tensor) or output.ndim not in (2, 5):
+            raise ModelError(f"{path} has no model card and its output {getattr(output, 'shape', type(output))} is "
+                             "neither (N, classes) nor (N, classes, D, H, W). Write a model card beside it.")
+        outputs.append(output)
     task = "classification" if output.ndim == 2 else "segmentation"
     classes = output.shape[1]
-    activation = "sigmoid" if classes == 1 else "softmax"
+    kinds = {activated_kind(output) for output in outputs}
+    if len(kinds) == 1 and None not in kinds:
+        activation = "none"
+        said = (f"no output activation (its output on probes is already a probability: "
+                f"{'channels summing to 1' if kinds == {'softmax'} else 'values in [0, 1]'})")
+    else:
+        activation = "sigmoid" if classes == 1 else "softmax"
+        said = f"{activation} output"
     card = ModelCard(name=path.stem, task=task, class_names=[str(i) for i in range(classes)], format="torchscript",
                      weights=path.name, output_activation=activation, path=path.with_suffix(".json"))
+    # Said once, as the run's warning line: a Python warning as well would print it twice on the command line.
     message = (f"{path.name} has no model card: assumed a {task} model with {classes} classes numbered 0-"
-               f"{classes - 1}, one input channel, {activation} output, no intensity normalisation and any input "
+               f"{classes - 1}, one input channel, {said}, no intensity normalisation and any input "
                "size. Write a model card beside it to state these.")
-    warnings.warn(message, stacklevel=3)
-    return LoadedModel(module, card, digest, device, [message])
+    return LoadedModel(module, card, digest, device, [message], assumed_activation=True)

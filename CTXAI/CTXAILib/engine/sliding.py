@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import Box
+from .modelcard import BLENDS
 
 __all__ = ["BatchSizes", "TileGrid", "batched", "crop_padded", "gaussian_importance", "predict_tiles"]
 
@@ -71,7 +72,8 @@ class TileGrid:
     """Tiles of ``patch`` (k, j, i) over ``extent`` of a volume of ``shape`` with fractional ``overlap``.
 
     A patch larger than the volume along an axis gives one tile there, padded (see :func:`crop_padded`).
-    ``patch=None`` means the model takes any size: one tile, the whole extent.
+    ``patch=None`` means the model takes any size: one tile, the whole extent. ``blend`` is one of
+    :data:`~.modelcard.BLENDS`.
 
     >>> grid = TileGrid(shape=(40, 40, 40), patch=(32, 32, 32), overlap=0.5)
     >>> len(grid.tiles), grid.tiles[-1].hi
@@ -83,8 +85,11 @@ class TileGrid:
     overlap: float = 0.25
     extent: Box | None = None
     halo: int = 0
+    blend: str = "gaussian"
 
     def __post_init__(self) -> None:
+        if self.blend not in BLENDS:
+            raise ValueError(f"blend must be one of {', '.join(BLENDS)}, got {self.blend!r}")
         self.extent = self.extent or Box.whole(self.shape)
         if self.patch is None:
             self.patch = self.extent.shape
@@ -97,8 +102,9 @@ class TileGrid:
         self.tiles = [Box(start, tuple(s + p for s, p in zip(start, patch_ijk)))
                       for start in itertools.product(*per_axis)]
         self._starts = per_axis
-        self._axis_weights = [_axis_gaussian(p) for p in patch_ijk]
-        self._importance = gaussian_importance(self.patch)
+        self._axis_weights = [_axis_gaussian(p) if self.blend == "gaussian" else np.ones(p) for p in patch_ijk]
+        k, j, i = reversed(self._axis_weights)
+        self._importance = (k[:, None, None] * j[None, :, None] * i[None, None, :]).astype(np.float32)
 
     def select(self, region: Box) -> list[Box]:
         """Tiles that touch ``region``."""
@@ -110,11 +116,11 @@ class TileGrid:
         return Box(np.min([t.lo for t in tiles], axis=0), np.max([t.hi for t in tiles], axis=0)).clip(self.shape)
 
     def importance(self, tile: Box) -> np.ndarray:
-        """Gaussian weights of ``tile`` in the blend of model outputs (the same for every tile)."""
+        """Weights of ``tile`` in the blend of model outputs (the same for every tile): Gaussian or constant."""
         return self._importance
 
     def blend_weights(self, tile: Box) -> np.ndarray:
-        """Weights of ``tile`` when blending CAMs: the Gaussian, with inner tile borders (the halo) left out."""
+        """Weights of ``tile`` when blending CAMs: its importance, with inner tile borders (the halo) left out."""
         if not self.halo:
             return self._importance
         weights = self._importance.copy()

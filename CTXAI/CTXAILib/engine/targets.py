@@ -155,14 +155,15 @@ class ComponentRegion(Region):
     ijk: tuple[int, int, int]
     needs_prediction = True
 
-    def resolve(self, shape, predicted=None):
+    def resolve(self, shape, predicted=None, class_name: str = "the target class"):
         from scipy import ndimage
 
         i, j, k = _check_voxel(self.ijk, shape, "clicked point")
         if predicted is None or not predicted[k, j, i]:
-            raise RegionError(f"No predicted defect of the target class at voxel {(i, j, k)}: the model does not "
-                              "label that voxel with it. Click inside a predicted defect (see the confidence map), "
-                              "or use an ROI box instead.")
+            raise RegionError(f"No predicted region of class {class_name} at voxel {(i, j, k)} (i,j,k): the model "
+                              "does not label that voxel with it. Click inside a predicted region of that class "
+                              "(the confidence method shows where it is predicted), explain that voxel alone "
+                              "(--voxel), or use an ROI box instead.")
         # Only the component's bounding box matters: label the connected component around the click.
         labels, _ = ndimage.label(predicted, structure=np.ones((3, 3, 3), bool))
         component = labels == labels[k, j, i]
@@ -237,15 +238,16 @@ class Target:
                 region = VoxelRegion(region.ijk)  # a click places the classifier's patch around it
         predicted = class_masks if region.needs_prediction else None
         contrast = None if self.contrast is None else card.class_index(self.contrast)
-        if self.class_name is not None:
-            index = card.class_index(self.class_name)
-            box, mask = region.resolve(shape, predicted(index) if predicted else None)
-        elif card.task == "classification":
+        if self.class_name is not None or card.task == "segmentation":
+            index = card.class_index(self.class_name) if self.class_name is not None else \
+                1 if len(card.class_names) > 1 else 0
+            if predicted:
+                box, mask = region.resolve(shape, predicted(index), class_name=repr(card.class_names[index]))
+            else:
+                box, mask = region.resolve(shape)
+        else:
             box, mask = region.resolve(shape)
             index = int(classify(box)) if classify is not None else 0
-        else:
-            index = 1 if len(card.class_names) > 1 else 0
-            box, mask = region.resolve(shape, predicted(index) if predicted else None)
         if contrast == index:
             raise TargetError(f"The contrast class {self.contrast!r} is the target class itself; a contrast needs "
                               "two different classes (for example pore minus crack).")

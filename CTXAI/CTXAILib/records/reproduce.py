@@ -165,7 +165,8 @@ def reproduce(run_dir: str | Path, device: str | None = None, tolerance: float |
     window = record["window"]
     explainer = Explainer(model, device=result.device, precision=record.get("precision", "fp32"),
                           memory_mb=window.get("memory_mb"), overlap=window.get("overlap", 0.25),
-                          halo=window.get("halo"), min_tile_share=window.get("min_tile_share", 0.01))
+                          blend=window.get("blend"), halo=window.get("halo"),
+                          min_tile_share=window.get("min_tile_share", 0.01))
     target = record["target"]
     region = _region(target["region_spec"], record)
     new = explainer.explain(volume, record["method"]["name"],

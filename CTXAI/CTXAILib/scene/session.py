@@ -41,6 +41,8 @@ class ExplainRequest:
     settings: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"
     precision: str = "fp32"
+    overlap: float | None = None    # sliding window; None: the model card's
+    blend: str | None = None
     opacity: float = 0.5
     top_percent: float = 5.0
     colormap: str = "auto"
@@ -149,7 +151,8 @@ class ExplainSession:
                               "score": request.score, "region": region},
                    "layer": request.layer or None, "settings": request.settings, "device": request.device,
                    "precision": request.precision, "seed": request.seed, "checks": list(request.checks),
-                   "audit_log": request.audit_log, "out_dir": str(self.client.exchange)}
+                   "overlap": request.overlap, "blend": request.blend, "audit_log": request.audit_log,
+                   "out_dir": str(self.client.exchange)}
         try:
             job = self.client.submit("explain", **payload)
         except Exception:

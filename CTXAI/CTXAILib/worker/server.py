@@ -15,9 +15,10 @@ Requests (``id`` is chosen by the client and echoed in every reply):
 
 - ``{"id", "cmd": "explain", "model", "volume": {"path", "spacing", "origin", "directions"}, "method",
   "target": {"class", "contrast", "score", "region": {"type": "whole" | "box" | "voxel" | "component" | "mask",
-  ...}}, "layer", "settings", "device", "precision", "memory_mb", "seed", "output", "checks" (names; the
-  result carries ``checks`` and a ``verdict``), "quality" (adds faithfulness), "out_dir", "audit_log" (the log the
-  run is appended to; default: ``$CTXAI_AUDIT_LOG``, else the per-user log)}``
+  ...}}, "layer", "settings", "device", "precision", "memory_mb", "overlap" and "blend" (the sliding window; absent:
+  the card's), "seed", "output", "checks" (names; the result carries ``checks`` and a ``verdict``), "quality" (adds
+  faithfulness), "out_dir", "audit_log" (the log the run is appended to; default: ``$CTXAI_AUDIT_LOG``, else the
+  per-user log)}``
 - ``{"id", "cmd": "describe_model", "model", "device"}`` -- card, layers and default CAM layer
 - ``model`` is a card, a weights file or a MONAI bundle folder; ``"trust_bundle_code": true`` (explain and
   describe_model) lets the bundle's Python expressions run, as ``--trust-bundle-code`` does
@@ -179,12 +180,12 @@ class Worker:
         return array
 
     def explainer(self, model: str, device: str = "auto", precision: str = "fp32",
-                  memory_mb: float | None = None, trust_code: bool = False,
-                  fold: int | str | None = None) -> tuple[Any, bool]:
+                  memory_mb: float | None = None, trust_code: bool = False, fold: int | str | None = None,
+                  overlap: float | None = None, blend: str | None = None) -> tuple[Any, bool]:
         """The cached explainer of a model file (or folder: a bundle, an nnU-Net results folder and ``fold``),
         reloaded only when the file (any file of a folder), the device, the fold or the trust in a bundle's code
-        changed; and whether it was reused. Precision and memory budget are run settings: they never force a
-        reload."""
+        changed; and whether it was reused. Precision, memory budget and sliding window (None: the card's) are run
+        settings: they never force a reload."""
         from ..engine.explain import Explainer
         from ..engine.models import load_model
         from ..engine.runtime import MemoryBudget
@@ -196,9 +197,10 @@ class Worker:
         if explainer is not None:
             explainer.precision = precision
             explainer.budget = MemoryBudget.default(explainer.device, memory_mb)
+            explainer.set_sliding_window(overlap, blend)
             return explainer, True
         explainer = Explainer(load_model(path, trust_code=bool(trust_code), fold=fold), device=device,
-                              precision=precision, memory_mb=memory_mb)
+                              precision=precision, memory_mb=memory_mb, overlap=overlap, blend=blend)
         # One warm model per file: a changed file or another device replaces the previous entry.
         self._explainers = {k: v for k, v in self._explainers.items() if k[0] != key[0]}
         self._explainers[key] = explainer
@@ -236,7 +238,8 @@ class Worker:
 
         explainer, reused = self.explainer(request["model"], request.get("device", "auto"),
                                            request.get("precision", "fp32"), request.get("memory_mb"),
-                                           request.get("trust_bundle_code", False), request.get("fold"))
+                                           request.get("trust_bundle_code", False), request.get("fold"),
+                                           request.get("overlap"), request.get("blend"))
         spec = request["volume"]
         out_dir = self._exchange_path(request["out_dir"], "Output folder")
         volume = Volume(self._load_array(spec["path"], "Volume array"), spec["spacing"], spec["origin"],
