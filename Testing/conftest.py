@@ -11,6 +11,19 @@ from ctxai_testing import ct_volume, write_model
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+# The files that take minutes (the whole demo, the quick benchmark, the console example's real worker, the tiled IG
+# references) run first: pytest-xdist hands files out in collection order, so both workers then finish together
+# instead of one running the demo alone at the end.
+SLOW_FIRST = ("defaults/test_demo.py", "engine/test_bench.py", "scene/test_readme_console.py",
+              "engine/test_references.py", "batch/test_batch.py", "checks/test_checks.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        path = item.path.as_posix()
+        return next((n for n, name in enumerate(SLOW_FIRST) if path.endswith(name)), len(SLOW_FIRST))
+    items.sort(key=rank)  # stable: the order within a file and among the other files is kept
+
 
 @pytest.fixture(scope="session", autouse=True)
 def private_user_data(tmp_path_factory):
