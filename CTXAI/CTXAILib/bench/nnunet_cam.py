@@ -7,9 +7,10 @@ centred 32³ crop (one tile, where tiling plays no part). Both explain class :da
 mirroring: CTXAI through :class:`~CTXAILib.engine.explain.Explainer` (overlap 0.5, nnU-Net's tile step), target the
 class logit summed over the voxels predicted as the class; nnunetv2-cam as its ``run_cam_for_prediction`` runs, in
 its own environment (``Utilities/reference_env.sh``: it needs torchvision, which does not import beside this torch),
-by :mod:`.nnunet_cam_driver` in a child process. That target is ``class``: nnunetv2-cam's own (``shipped``) sums
-every output channel's logit over the tile's predicted voxels, ignoring the class it is given; the main row reports
-both.
+by :mod:`.nnunet_cam_driver` in a child process, with nnunetv2-cam's target patched to ``class``: its own
+(``shipped``) sums every output channel's logit over the tile's predicted voxels, ignoring the class it is given;
+the first row also reports that one. Times are warm (after one run): CTXAI's from the volume in memory, its
+prediction included (evicted before each run); nnunetv2-cam's from the file, nnU-Net's preprocessing included.
 
 What still differs by definition: nnunetv2-cam takes each tile's own Grad-CAM (its channel weights from that tile's
 gradients), scales it to [0, 1] per tile, upsamples it with a cubic spline (``scipy.ndimage.zoom``) and averages
@@ -29,6 +30,7 @@ from typing import Any, Callable
 
 from ..errors import InputError
 from .cases import BENCH_SEED
+from .children import evict
 
 __all__ = ["NNUNET_ROWS", "LAYERS", "SHAPE", "CLASS", "run_nnunet_cam", "format_nnunet"]
 
@@ -110,6 +112,7 @@ def run_nnunet_cam(workdir: Path, repeats: int, quick: bool, log: Callable[[str]
             log(f"nnunet-cam: {shape}³, {layer}: CTXAI's Grad-CAM")
 
             def run():
+                evict(explainer)  # nnunetv2-cam predicts on every call: CTXAI's time includes its prediction too
                 started = time.perf_counter()
                 result = explainer.explain(volume, "gradcam", target, layer=layer)
                 return time.perf_counter() - started, result.attribution.array
