@@ -134,7 +134,7 @@ def run_nnunet_cam(workdir: Path, repeats: int, quick: bool, log: Callable[[str]
             "spacing_mm": list(model.card.spacing_mm), "patch_kji": list(model.card.patch_shape),
             "ctxai": {"method": "gradcam", "overlap": 0.5, "upsample": "trilinear", "threads": _threads(),
                       "target": f"logit of {CLASS!r} summed over the voxels predicted as {CLASS!r}"},
-            "reference": {"package": "nnunetv2-cam", "python": python, "versions": timing["versions"],
+            "reference": {"package": "nnunetv2-cam", "python": python.removeprefix(f"{_REPO}/"), "versions": timing["versions"],
                           "call": "nnunetv2_cam.api.run_cam_for_prediction(method='gradcam', mirroring off, tile "
                                   "step 0.5)",
                           "targets": {"class": "the class logit over the tile's predicted voxels",
