@@ -78,5 +78,5 @@ def test_unknown_case_names_the_available_ones(tmp_path):
     assert out.returncode == 2
     message = out.stderr.strip().splitlines()[-1]
     assert message.startswith("error: No benchmark case matches 'nonexistent'")
-    assert "classifier-gradcam" in message and "occlusion-incremental" in message
+    assert "classifier-gradcam" in message and "occlusion-incremental" in message and "nnunet-cam" in message
     assert "Traceback" not in out.stderr and not (tmp_path / "bench.json").exists()

@@ -12,7 +12,9 @@ Cases, on the bundled models and a synthetic part (seed :data:`BENCH_SEED`, whic
 4. :data:`LOADED` (IG-32 on the classifier) again, timed while :data:`LOAD_PROCESSES` busy processes started and
    stopped by the benchmark compete for the CPU (row ``...-loaded``);
 5. memory only (``memory128``, ``memory512``): the U-Net's peak memory on a whole 512³ part, beyond its working set
-   (:data:`MEMORY_SHAPES`).
+   (:data:`MEMORY_SHAPES`);
+6. only when named (``--cases nnunet-cam``): CTXAI's Grad-CAM against nnunetv2-cam's on a tiny nnU-Net, in the
+   reference's own environment (:mod:`.nnunet_cam`).
 
 Every case runs in two child processes (``python -m CTXAILib.bench --child ...``) so that a peak of memory belongs
 to one thing. The *memory* child runs the engine once in a fresh process: its peak resident set is the engine's, its

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ..engine.geometry import Box, Volume
     from ..engine.targets import Target
 
-__all__ = ["child_main", "run_child"]
+__all__ = ["child_main", "evict", "run_child"]
 
 
 def _engine_setup(case: Case) -> tuple[Explainer, Volume, Target, Box | None]:
@@ -45,7 +45,7 @@ def _engine_setup(case: Case) -> tuple[Explainer, Volume, Target, Box | None]:
     return explainer, volume, Target(case.target["class"], region=BoxRegion(box)), box
 
 
-def _evict(explainer: Explainer) -> None:
+def evict(explainer: Explainer) -> None:
     """Make the next run predict afresh: the Explainer keeps only the last volume it prepared."""
     import numpy as np
 
@@ -87,7 +87,7 @@ def _engine_measure(explainer: Explainer, volume: Volume, target: Target, case: 
 
     def run() -> float:
         if prediction:
-            _evict(explainer)
+            evict(explainer)
         counts: list[int] = []
         with counting(explainer.model.module, counts):
             seconds, result = elapsed(lambda: explainer.explain(volume, case.method, target,

@@ -22,6 +22,7 @@ from .cases import (BATCHES, BENCH_SEED, LOAD_PROCESSES, MEMORY_BOUND, MEMORY_SH
 from .batch import BATCH_ROWS, format_batch, run_batch_rows
 from .children import run_child
 from .measure import competing_load
+from .nnunet_cam import NNUNET_ROWS, format_nnunet, run_nnunet_cam
 
 __all__ = ["run_bench", "format_table"]
 
@@ -266,13 +267,16 @@ def run_bench(out: str | Path, device: str = "auto", precision: str = "fp32", re
     with autocast(resolved, precision):  # validates the precision name before any work
         pass
     planned, skipped = plan_cases(resolved.type, quick)
-    # The batch rows run only when named: they need Ray and time whole batches.
+    # The batch rows and the nnunet-cam row run only when named: they need Ray, or nnU-Net and the reference
+    # environment, and time whole batches or another library's pipeline.
     batch_rows = [row for row in BATCH_ROWS if any(p in row for p in cases or [])]
-    patterns = [p for p in cases or [] if not any(p in row for row in BATCH_ROWS)]
+    nnunet_rows = [row for row in NNUNET_ROWS if any(p in row for p in cases or [])]
+    named = BATCH_ROWS + NNUNET_ROWS
+    patterns = [p for p in cases or [] if not any(p in row for row in named)]
     if cases and not patterns:
         planned, skipped = [], []
     else:
-        planned = select_cases(planned, patterns, skipped, BATCH_ROWS)
+        planned = select_cases(planned, patterns, skipped, named)
         skipped = [s for s in skipped if not patterns or any(p in s["row"] for p in patterns)]
     for case in planned:
         for variant in case.variants:
@@ -337,6 +341,8 @@ def run_bench(out: str | Path, device: str = "auto", precision: str = "fp32", re
                   "criteria": _criteria(rows, scaling, quick, memory) if planned else []}
         if batch_rows:
             report["batch"] = run_batch_rows(batch_rows, workdir, str(resolved), quick, log)
+        if nnunet_rows:
+            report["nnunet_cam"] = run_nnunet_cam(workdir, repeats, quick, log)
         report["minutes"] = (time.perf_counter() - started) / 60
         write_json(report, out)
         return report
@@ -396,6 +402,8 @@ def format_table(report: dict[str, Any]) -> str:
         lines += ["", "notes:"] + notes
     if "batch" in report:
         lines += ([""] if lines else []) + format_batch(report["batch"])
+    if "nnunet_cam" in report:
+        lines += ([""] if lines else []) + format_nnunet(report["nnunet_cam"])
     if not report["criteria"]:
         return "\n".join(lines)
     lines += ["", "criteria (measured values, unadjusted):"]

@@ -1,9 +1,10 @@
-"""Train a tiny nnU-Net v2 on four small phantoms with nnU-Net's own pipeline, for the nnU-Net tests.
+"""A tiny nnU-Net v2 trained on four small phantoms by nnU-Net's own pipeline, for the nnU-Net tests and the
+``nnunet-cam`` benchmark row: :func:`tiny_nnunet` builds it once and caches it on disk.
 
-Run as ``python build_tiny_nnunet.py OUT``: writes ``OUT/nnUNet_raw``, ``OUT/nnUNet_preprocessed`` and
+``python -m CTXAILib.synthetic.nnunet OUT`` writes ``OUT/nnUNet_raw``, ``OUT/nnUNet_preprocessed`` and
 ``OUT/nnUNet_results/Dataset501_CTXAIPores/TinyTrainer__nnUNetPlans__3d_fullres`` with two folds. Everything
-nnU-Net reads (its three folders) comes from the environment at import, so this runs in its own process; the
-test fixture caches ``OUT`` on disk under a hash of this file's text.
+nnU-Net reads (its three folders) comes from the environment at import, so :func:`tiny_nnunet` runs this in its own
+process and keeps the results folder under a hash of this file, the phantom generator and the training libraries.
 
 The recipe: pores (label 1) in 48-cube titanium phantoms at 0.2 mm, CT normalisation (channel "CT"), the default
 planner with its network shrunk to three stages of 4-16 features on 32-cube patches, two folds of a hand-made split
@@ -12,20 +13,30 @@ planner with its network shrunk to three stages of 4-16 features on 32-cube patc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
+from importlib import metadata
 from pathlib import Path
+
+from ..errors import CTXAIError
+
+__all__ = ["RESULTS", "tiny_nnunet"]
 
 DATASET_ID = 501
 DATASET = f"Dataset{DATASET_ID}_CTXAIPores"
 SEEDS = (11, 12, 13, 14)
 CASES = [f"pores_{i:03d}" for i in range(len(SEEDS))]
+RESULTS = Path(f"nnUNet_results/{DATASET}/TinyTrainer__nnUNetPlans__3d_fullres")
 
 
 def write_raw(raw: Path) -> None:
-    from CTXAILib import write_volume
-    from CTXAILib.synthetic.phantom import DEFECT_TYPES, generate_phantom
+    from ..engine.geometry import write_volume
+    from .phantom import DEFECT_TYPES, generate_phantom
 
     images, labels = raw / "imagesTr", raw / "labelsTr"
     images.mkdir(parents=True)
@@ -92,6 +103,38 @@ def main(out: Path) -> None:
         trainer = TinyTrainer(dict(plans, continue_training=False), "3d_fullres", fold, dataset_json,
                               device=torch.device("cpu"))
         trainer.run_training()
+
+
+def _recipe_key() -> str:
+    """What the trained folder depends on: this recipe, the phantom generator and the training libraries."""
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    digest.update((Path(__file__).with_name("phantom.py")).read_bytes())
+    for name in ("nnunetv2", "torch", "dynamic_network_architectures", "numpy"):
+        digest.update(f"{name}={metadata.version(name)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def tiny_nnunet(cache: str | Path | None = None) -> Path:
+    """The results folder ``…/TinyTrainer__nnUNetPlans__3d_fullres`` (folds 0 and 1), trained on first use (about
+    30 s on 2 CPU cores) under ``cache`` (default ``$CTXAI_TEST_CACHE`` or ``~/.cache/ctxai-tests``)."""
+    cache = Path(cache or os.environ.get("CTXAI_TEST_CACHE", Path.home() / ".cache" / "ctxai-tests"))
+    built = cache / f"nnunet-{_recipe_key()}"
+    if not (built / RESULTS / "fold_1" / "checkpoint_final.pth").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".nnunet-", dir=cache))
+        package = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package, os.environ.get("PYTHONPATH")])))
+        done = subprocess.run([sys.executable, "-m", "CTXAILib.synthetic.nnunet", str(staging)], env=env,
+                              capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise CTXAIError(f"Training the tiny nnU-Net failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        shutil.rmtree(staging / "nnUNet_preprocessed")  # only the results folder is read
+        try:
+            os.rename(staging, built)
+        except OSError:  # another process finished first: its folder is the same recipe's
+            shutil.rmtree(staging, ignore_errors=True)
+    return built / RESULTS
 
 
 if __name__ == "__main__":
