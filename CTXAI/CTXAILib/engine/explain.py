@@ -591,7 +591,7 @@ class Explainer:
         return probabilities
 
     def _check_cost(self, what: str, passes: float, backward: bool, extent: Box, warnings: list[str],
-                    spec: MethodSpec | None = None) -> float | None:
+                    spec: MethodSpec | None = None, monitor: RunMonitor | None = None) -> float | None:
         """Estimate a run of ``passes`` tile passes over ``extent`` before it starts; refuse one that would take
         longer than ``time_limit_s`` or need more memory than the device has free (unless ``force``); warn when a model
         without a patch size takes the whole extent in one pass. Returns the estimated seconds (None: not timed,
@@ -612,7 +612,7 @@ class Explainer:
             warnings.append(giant)
         seconds = None
         if passes >= _ESTIMATED_PASSES or scale > 1.0:
-            seconds = passes * self._seconds_per_pass(probe, backward) * scale
+            seconds = passes * self._seconds_per_pass(probe, backward, monitor) * scale
         too_long = seconds is not None and seconds > self.time_limit_s
         if self.force or not (too_long or memory > available):
             return seconds
@@ -631,7 +631,7 @@ class Explainer:
         raise MethodError(f"{what} {' and '.join(figures)}. Lower it with {', '.join(lower)}, or run it anyway "
                           "with --force (force=True).")
 
-    def _seconds_per_pass(self, shape: tuple[int, ...], backward: bool) -> float:
+    def _seconds_per_pass(self, shape: tuple[int, ...], backward: bool, monitor: RunMonitor | None = None) -> float:
         """Seconds of one forward (and backward) pass over one ``shape`` patch at batch 1: the batch search's
         measurement when there is one, else one timed pass after a warm-up, kept with the explainer."""
         key = (tuple(shape), backward)
@@ -642,6 +642,8 @@ class Explainer:
                            requires_grad=backward)
             timed = []
             for _ in range(2):  # the first call selects kernels and allocates: only the second is timed
+                if monitor is not None:
+                    monitor.check_cancel()  # timed passes are real work: Cancel stops them like any other
                 started = time.perf_counter()
                 with torch.set_grad_enabled(backward), autocast(self.device, self.precision):
                     out = self.model(x)
@@ -775,7 +777,7 @@ class Explainer:
         if card.task == "segmentation" and target.region.needs_prediction:
             # A clicked component can reach anywhere: the whole volume is predicted to find it.
             self._check_cost("Predicting the whole volume", len(self._grid(shape).tiles), False, Box.whole(shape),
-                             warnings)
+                             warnings, monitor=monitor)
             probabilities, predicted = self.segmentation_probabilities(prepared, progress, cancel), Box.whole(shape)
             masks = self._class_masks(probabilities)
             if spec.family == "prediction":
@@ -796,7 +798,7 @@ class Explainer:
         tiles_run = 1 if spec.aggregation == "volume" else len(plan.tiles)
         samples = spec.samples(values, plan.extent.shape)
         estimate = self._check_cost(spec.label, samples * len(plan.tiles), spec.needs_gradient, plan.extent,
-                                    warnings, spec)
+                                    warnings, spec, monitor)
         if estimate is not None:
             timings["estimate_s"] = estimate
         if card.task == "segmentation" and probabilities is None:

@@ -133,10 +133,17 @@ def _compare(name: str, recorded, new, tolerance: float, result: Reproduction) -
         return
     a = np.asarray(recorded.array, np.float64)
     b = np.asarray(new.array, np.float64)
-    diff = float(np.max(np.abs(a - b))) if a.size else 0.0
+    # NaN marks voxels a run did not predict (a ROI run's confidence): the same voxels must be NaN in both.
+    known = ~np.isnan(a)
+    if not np.array_equal(known, ~np.isnan(b)):
+        result.outputs[name] = float("inf")
+        result.mismatches.append(f"{name}: the voxels without a value (NaN, not predicted) differ")
+        return
+    diff = float(np.max(np.abs(a - b)[known])) if known.any() else 0.0
     result.outputs[name] = diff
-    scale = float(np.max(np.abs(a))) if a.size else 0.0
-    same = np.array_equal(recorded.array, new.array) if tolerance == 0 else diff <= tolerance * max(scale, 1e-30)
+    scale = float(np.max(np.abs(a[known]))) if known.any() else 0.0
+    same = (np.array_equal(recorded.array, new.array, equal_nan=True) if tolerance == 0
+            else diff <= tolerance * max(scale, 1e-30))
     if not same:
         result.mismatches.append(f"{name}: largest difference {diff:.3g} (map's largest |value| {scale:.3g}, "
                                  f"tolerance {'bit-identical' if tolerance == 0 else f'{tolerance:g} of it'})")
