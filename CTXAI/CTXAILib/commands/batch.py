@@ -5,20 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .explain import _check_names, _memory_mb, _setting
+from .explain import _check_names, _count, _memory_mb, _setting
 from .terminal import TerminalProgress
 
 __all__ = ["add_parser"]
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"needs a whole number of at least 1, got {text!r}")
-    return value
 
 
 def _cmd_batch(args) -> int:

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from ..bench import format_table, run_bench
+from .explain import _count
 
 __all__ = ["add_parser"]
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--repeats needs a whole number of at least 1, got {text!r}")
-    return value
 
 
 def add_parser(sub) -> None:
@@ -26,7 +16,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="JSON report to write")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast on GPU")
-    p.add_argument("--repeats", type=_positive, default=3,
+    p.add_argument("--repeats", type=_count, default=3,
                    help="timed runs per measure after the warm-up (heavy CPU measures run once)")
     p.add_argument("--quick", action="store_true", help="tiny settings: a smoke test of about a minute")
     p.add_argument("--cases", type=lambda t: [part.strip() for part in t.split(",") if part.strip()],

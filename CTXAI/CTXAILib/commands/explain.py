@@ -54,6 +54,16 @@ def add_volume_options(parser: argparse.ArgumentParser) -> None:
                              "none); a volume that stores its spacing must agree with it")
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"needs a whole number of at least 1, got {text!r}")
+    return value
+
+
 def _memory_mb(text: str) -> float:
     try:
         value = float(text)
