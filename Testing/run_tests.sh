@@ -10,4 +10,7 @@ workers="${CTXAI_TEST_WORKERS:-2}"
 if [ "$workers" = "0" ]; then
   exec "$CTXAI_PY" -m pytest -q Testing "$@"
 fi
-exec "$CTXAI_PY" -m pytest -q -n "$workers" --dist loadfile Testing "$@"
+# One torch thread per worker (and per process a test starts): two workers of two threads each on two cores would
+# fight over them.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+exec "$CTXAI_PY" -m pytest -q -n "$workers" --dist loadfile --durations=15 Testing "$@"

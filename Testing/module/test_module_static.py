@@ -40,7 +40,9 @@ RESERVED = {"allParameters", "default", "isCached", "dataType", "getValue", "set
 SLICER_OWNED = {"simpleitk", "vtk", "numpy", "torch"}
 # Engine imports provided by Slicer itself, and optional ones the engine reports clearly when missing.
 PROVIDED_IMPORTS = {"numpy", "SimpleITK", "vtk", "slicer", "torch", "qt", "ctk"}
-OPTIONAL_IMPORTS = {"monai", "nnunetv2", "ray"}  # extras, imported lazily where a model or the Ray engine needs them
+# Extras, imported lazily where a model or the Ray engine needs them; nnunetv2_cam only by the benchmark's driver,
+# which runs in the reference environment of `ctxai bench --cases nnunet-cam`, never in Slicer.
+OPTIONAL_IMPORTS = {"monai", "nnunetv2", "ray", "nnunetv2_cam"}
 IMPORT_TO_DISTRIBUTION = {"skimage": "scikit-image", "sklearn": "scikit-learn"}
 # The only CTXAILib modules the Slicer process may import (none of them imports torch), as paths below CTXAILib;
 # the phantom generator and the volume class (torch-free: the bridge uses it) only in the self-test.

@@ -80,6 +80,7 @@ class WorkerClient:
         self._pending: dict[str, str] = {}      # job id -> command, for requests not answered yet
         self._cancel_deadline: dict[str, float] = {}
         self._stderr: deque[str] = deque(maxlen=40)
+        self._stdout_noise: deque[str] = deque(maxlen=10)  # stdout lines that are not replies (a library's print)
         self._reader_done = threading.Event()
         self._stderr_done = threading.Event()
         self.starts = 0
@@ -152,7 +153,7 @@ class WorkerClient:
             try:
                 self._replies.put(json.loads(line))
             except json.JSONDecodeError:
-                self._stderr.append(line.rstrip())
+                self._stdout_noise.append(line.rstrip())
         self._reader_done.set()  # every reply the worker wrote is in the queue now
 
     def _read_stderr(self, process: subprocess.Popen) -> None:
@@ -247,7 +248,10 @@ class WorkerClient:
             # The crash's reason is the worker's last stderr line: its reader may still be draining the pipe. A
             # pipe held open by a grandchild must not hang the GUI's poll, hence the bound.
             self._stderr_done.wait(1.0)
-            detail = next((line for line in reversed(self._stderr) if line.strip()), "")
+            # Stderr says why; stdout noise only when stderr is silent (the two readers race, so one deque would
+            # make the reason whichever line came last).
+            detail = next((line for lines in (self._stderr, self._stdout_noise) for line in reversed(lines)
+                           if line.strip()), "")
             for job in list(self._pending):
                 messages.append({"id": job, "type": "error", "error": "WorkerCrashed",
                                  "message": f"The CTXAI worker stopped unexpectedly (exit code {code}) and this run "
@@ -288,7 +292,7 @@ class WorkerClient:
             time.sleep(0.02)
 
     def stderr_tail(self) -> str:
-        return "\n".join(self._stderr)
+        return "\n".join([*self._stderr, *self._stdout_noise])
 
 
 def _process_options(own_group: bool = False) -> dict[str, Any]:
