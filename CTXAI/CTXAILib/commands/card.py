@@ -39,13 +39,7 @@ def parse_normalization(text: str) -> dict:
     {'type': 'percentile', 'percentiles': [0.5, 99.5]}
     """
     if text.lstrip().startswith("{"):
-        try:
-            spec = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise argparse.ArgumentTypeError(f"--normalization is not valid JSON ({exc})") from None
-        if not isinstance(spec, dict):
-            raise argparse.ArgumentTypeError("--normalization JSON must be an object")
-        return spec
+        return _json_object(text, "--normalization", "the card's normalization object")
     kind, _, values = text.partition(":")
     if kind == "none" and not values:
         return {"type": "none"}
@@ -70,14 +64,18 @@ def _triple(text: str, kind: type, what: str) -> list:
     return [kind(v) for v in values]
 
 
-def _params(text: str) -> dict:
+def _json_object(text: str, option: str, what: str) -> dict:
     try:
-        params = json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"--params is not valid JSON ({exc})") from None
-    if not isinstance(params, dict):
-        raise argparse.ArgumentTypeError("--params must be a JSON object of keyword arguments")
-    return params
+        raise argparse.ArgumentTypeError(f"{option} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{option} must be a JSON object: {what}")
+    return value
+
+
+def _params(text: str) -> dict:
+    return _json_object(text, "--params", "the network's keyword arguments")
 
 
 def _cmd_init(args) -> int:
