@@ -775,9 +775,11 @@ class Explainer:
 
         probabilities = class_probs = predicted = None
         if card.task == "segmentation" and target.region.needs_prediction:
-            # A clicked component can reach anywhere: the whole volume is predicted to find it.
-            self._check_cost("Predicting the whole volume", len(self._grid(shape).tiles), False, Box.whole(shape),
-                             warnings, monitor=monitor)
+            # A clicked component can reach anywhere: the whole volume is predicted to find it (estimated only when
+            # it is still to do: a kept prediction costs nothing, so it must not be refused as too long).
+            if prepared.probabilities is None:
+                self._check_cost("Predicting the whole volume", len(self._grid(shape).tiles), False,
+                                 Box.whole(shape), warnings, monitor=monitor)
             probabilities, predicted = self.segmentation_probabilities(prepared, progress, cancel), Box.whole(shape)
             masks = self._class_masks(probabilities)
             if spec.family == "prediction":
