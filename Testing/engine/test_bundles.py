@@ -20,6 +20,7 @@ from CTXAILib.engine.geometry import Box
 from CTXAILib.engine.modelcard import ModelCard, Normalization
 from CTXAILib.engine.models import sha256_file
 from CTXAILib.engine.networks import UNet3D
+from CTXAILib.engine.sliding import crop_padded
 from CTXAILib.engine.targets import BoxRegion
 from CTXAILib.records.record import run_record
 from ctxai_testing import ct_volume
@@ -111,7 +112,7 @@ def test_bundle_explains_with_gradcam_and_ig_as_its_card_would(bundle, bundle_tw
     explainer = Explainer(bundle, device="cpu", memory_mb=SMALL)
     # The twin keeps the bundle's measured batch sizes: the comparison costs no second search.
     twin = explainer.variant(load_model(bundle_twin_card))
-    x = explainer.prepare(volume).x.numpy()
+    x = crop_padded(explainer.prepare(volume).x, Box.whole(volume.shape)).numpy()
     np.testing.assert_array_equal(x, np.clip((volume.array[None, None] + 1000.0) / 5000.0, 0.0, 1.0))
     pore = Target("pore", region=REGION)
     for method, settings in (("gradcam", {}), ("integrated_gradients", {"steps": 4, "baseline": "air"})):
@@ -222,7 +223,7 @@ def test_monai_factory_function_card(tmp_path, volume):
     # The same numbers as Captum's IG on the network itself, fed the window-normalised patch.
     from captum.attr import IntegratedGradients
 
-    patch = explainer.prepare(volume).x[(..., *REGION.box.slices)]
+    patch = crop_padded(explainer.prepare(volume).x, REGION.box)
     baseline = torch.full_like(patch, explainer.prepare(volume).air)
 
     def captum(index: int) -> np.ndarray:

@@ -220,7 +220,8 @@ def test_overlap_and_blend_change_the_tiling(trained, tmp_path):
     # A constant blend is the plain average of the tiles covering a voxel: check it at one voxel by hand.
     model, x = explainer.model, explainer.prepare(volume).x
     with torch.no_grad():
-        covering = [torch.sigmoid(model(x[..., k:k + 24, 0:24, 0:24]))[0, 0, 20 - k, 5, 5] for k in (0, 12)]
+        covering = [torch.sigmoid(model(crop_padded(x, Box((0, 0, k), (24, 24, k + 24)))))[0, 0, 20 - k, 5, 5]
+                    for k in (0, 12)]
     assert constant[20, 5, 5] == pytest.approx(float(sum(covering) / 2), abs=1e-3)
     explainer.set_sliding_window(0.0, "gaussian")
     assert len(explainer._grid(volume.shape).tiles) == 8

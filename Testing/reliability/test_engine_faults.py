@@ -120,3 +120,75 @@ def test_large_volumes_the_prediction_holds_no_float32_copy_of_all_classes(many_
     # The map, the window (a quarter of the part's columns in float32: half the map) and a batch make 1.75x; the
     # float32 sum, its copy and a mask of it made 3.1x.
     assert peak <= 2.25 * probabilities.nbytes, f"prediction peak {peak / probabilities.nbytes:.2f}x its map"
+
+
+_ROI_RUN = """
+import sys, tempfile
+from pathlib import Path
+from ctxai_testing import ct_volume, write_model
+from CTXAILib import BoxRegion, Explainer, Target, load_model
+from CTXAILib.engine.geometry import Box
+from CTXAILib.records.outputs import write_explanation
+
+def status(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key)) / 1024
+
+n, folder = int(sys.argv[1]), Path(sys.argv[2])
+model = load_model(write_model(folder, "unet16", "segmentation", patch=(16, 16, 16)))
+explainer = Explainer(model, device="cpu", overlap=0.0)
+explainer._forward_limit(model.card.patch_shape)  # the memory probe's tensors are not the run's
+volume = ct_volume(shape=(n,) * 3)
+roi = Target("defect", region=BoxRegion(Box((n // 2 - 2,) * 3, (n // 2 + 2,) * 3)))
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from what is resident now
+before = status("VmRSS")
+write_explanation(explainer.explain(volume, "saliency", roi), volume, model, folder / "out")
+print(status("VmHWM") - before)
+"""
+
+
+def _roi_run_peak_mib(size: int, folder) -> float:
+    import os
+    import subprocess
+    import sys
+
+    folder.mkdir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", _ROI_RUN, str(size), str(folder)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return float(done.stdout.split()[-1])
+
+
+def test_large_volumes_an_roi_run_to_its_files_makes_no_part_sized_copy(tmp_path):
+    """At 512³ a run over one ROI held 5.2x the part besides the model: a normalised copy, a float32 map and a NaN
+    confidence map of the whole part, and SimpleITK's copy of each file it wrote. A tile now normalises its own
+    crop, the maps stay their extent's size until read, and the files are streamed. Measured as ctxai bench
+    does: the peak resident memory of fresh processes on two part sizes, whose difference is what grows with the
+    part (the volume itself is made before the measurement starts); the old path grew by ~4 volumes."""
+    small, large = 128, 256
+    grown = _roi_run_peak_mib(large, tmp_path / "large") - _roi_run_peak_mib(small, tmp_path / "small")
+    volumes = (large ** 3 - small ** 3) * 4 / 2 ** 20
+    assert grown < 1.0 * volumes, f"the run grew by {grown / volumes:.2f}x the volume"
+
+
+def test_large_volumes_a_streamed_roi_run_writes_what_it_computed(many_tiles, tmp_path):
+    from ctxai_testing import ct_volume
+
+    from CTXAILib import BoxRegion
+    from CTXAILib.engine.geometry import Box, PlacedVolume, read_volume
+    from CTXAILib.records.outputs import write_explanation
+
+    card, _volume = many_tiles
+    volume = ct_volume(shape=(48, 48, 48))
+    model = load_model(card)
+    result = Explainer(model, device="cpu", overlap=0.0).explain(
+        volume, "saliency", Target("defect", region=BoxRegion(Box((22, 22, 22), (26, 26, 26)))))
+    assert isinstance(result.confidence, PlacedVolume) and result.confidence._array is None
+    written = write_explanation(result, volume, model, tmp_path / "out")
+    attribution, confidence = read_volume(written["attribution"]), read_volume(written["confidence"])
+    np.testing.assert_array_equal(attribution.array, result.attribution.array)
+    np.testing.assert_array_equal(confidence.array, result.confidence.array)
+    predicted = Box(tuple(result.window["predicted_ijk"]["lo"]), tuple(result.window["predicted_ijk"]["hi"]))
+    assert np.isnan(confidence.array).sum() == confidence.array.size - np.prod(predicted.shape) > 0
+    assert np.isfinite(confidence.array[predicted.slices]).all() and attribution.array[result.extent.slices].any()
+    assert np.array_equal(confidence.ijk_to_ras, attribution.ijk_to_ras)

@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import InputError, LayerError, MethodError, ModelError
 from . import methods  # noqa: F401  (registers every method)
 from .baselines import make_baseline
-from .geometry import Box, Volume
+from .geometry import Box, PlacedVolume, Volume
 from .methods.registry import MethodSpec, TileContext, VolumeContext, get_method
 from .modelcard import BLENDS, ModelCard, Normalization
 from .models import LoadedModel, load_model
@@ -33,7 +33,7 @@ from .resample import ModelGrid
 from .runtime import (BatchSearch, MemoryBudget, activation_bytes, autocast, is_out_of_memory, resolve_device,
                       with_backoff)
 from .signs import SIGNS
-from .sliding import TileGrid, batched, crop_padded, predict_tiles
+from .sliding import NormalisedInput, TileGrid, batched, crop_padded, predict_tiles
 from .targets import BoxRegion, ResolvedTarget, Target
 
 __all__ = ["Explainer", "Explanation", "Probe", "ScoreModel", "volume_sha256"]
@@ -185,7 +185,9 @@ class Explanation:
     computed extent's, with ``output="extent"``); ``confidence`` is the segmentation model's probability of the
     target class (None for classifiers) over what was predicted: the whole input for a whole-volume or clicked-
     component target, else only the region's bounding box (from the tiles that reach it: exact there), in the
-    input's geometry with NaN ("not predicted") outside it, or that box alone with ``output="extent"``."""
+    input's geometry with NaN ("not predicted") outside it, or that box alone with ``output="extent"``. In the
+    input's geometry it is a :class:`~.geometry.PlacedVolume`: float32 and full-size only once its array is read,
+    written to a file from the float16 prediction directly."""
 
     attribution: Volume
     method: str
@@ -242,7 +244,7 @@ Evaluate = Callable[[Probe, np.ndarray], dict]
 @dataclass
 class _Prepared:
     volume: Volume
-    x: torch.Tensor            # (1, C, K, J, I) normalised, CPU
+    x: torch.Tensor | NormalisedInput  # (1, C, K, J, I) normalised, CPU: read it with crop_padded
     sha256: str
     air: float                 # normalised air value
     normalization: Normalization  # the card's, with this volume's statistics when it has per-volume ones
@@ -371,13 +373,9 @@ class Explainer:
         array = volume.array if volume.array.ndim == 4 else volume.array[None]
         # Fitted once on the whole unperturbed volume: tiles, perturbed copies and baselines share its statistics.
         normalization = card.normalization.fitted(array)
-        if normalization.type == "none" and array.dtype == np.float32:
-            normalised = array
-        else:  # slab by slab: normalising a whole part at once makes two more volume-sized temporaries
-            normalised = np.empty(array.shape, np.float32)
-            for k in range(0, array.shape[1], 16):
-                normalised[:, k:k + 16] = normalization.apply(array[:, k:k + 16])
-        x = torch.from_numpy(normalised)[None]
+        # Normalised when a tile reads its crop: a normalised copy of a whole part would be another part's size.
+        x = (torch.from_numpy(array)[None] if normalization.type == "none" and array.dtype == np.float32
+             else NormalisedInput(array, normalization.apply))
         air = float(normalization.apply(card.raw_air(float(np.min(volume.array)))))
         self._prepared = _Prepared(volume, x, sha, air, normalization,
                                    warnings=_intensity_warnings(card, volume.array))
@@ -938,11 +936,10 @@ class Explainer:
     def _confidence_volume(volume: Volume, probability: np.ndarray, predicted_box: Box, output: str) -> Volume:
         """The target class's probability over what was predicted: NaN ("not predicted") elsewhere in the full
         geometry, or only the predicted box with ``output="extent"``."""
-        probability = np.ascontiguousarray(probability, np.float32)
-        if predicted_box == Box.whole(volume.shape):
-            return volume.with_array(probability)
-        extent_volume = volume.crop(predicted_box).with_array(probability)
-        return volume.embed(extent_volume, predicted_box, fill=np.nan) if output == "full" else extent_volume
+        if output == "extent" and predicted_box != Box.whole(volume.shape):
+            return volume.crop(predicted_box).with_array(np.ascontiguousarray(probability, np.float32))
+        # Placed: made as float32 (and NaN outside the box) only when read; a file is written from the parts.
+        return PlacedVolume(volume, probability, predicted_box, fill=np.nan)
 
     def _confidence_target(self, target: Target, masks: Callable[[int], np.ndarray], warnings: list[str]) -> Target:
         """The confidence map needs no predicted component: a click outside one shows it over one patch (32³

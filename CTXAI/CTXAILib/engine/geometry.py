@@ -24,10 +24,11 @@ import numpy as np
 
 from ..errors import InputError, OutputError, RegionError
 from .files import regular_file
+from .nrrd import NRRD_TYPES, write_nrrd
 from .slices import (TIFF_SUFFIXES, Slices, check_given_spacing, is_single_dicom_slice, looks_like_dicom,
                      read_slice_folder, read_tiff_file, write_dicom_series, write_tiff_stack)
 
-__all__ = ["Box", "Volume", "read_volume", "write_volume", "atomic_output"]
+__all__ = ["Box", "PlacedVolume", "Volume", "read_volume", "write_volume", "atomic_output"]
 
 _LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
 
@@ -181,17 +182,24 @@ class Volume:
             raise InputError(f"Array of shape {array.shape} does not fit a volume of shape {self.shape} (k, j, i).")
         return Volume(array, self.spacing, self.origin, self.directions.copy())
 
-    def crop(self, box: Box) -> Volume:
-        """The sub-volume inside ``box`` with its exact geometry (same directions and spacing, moved origin)."""
+    def check_box(self, box: Box) -> None:
+        """Raise :class:`RegionError` unless ``box`` lies inside this volume."""
         box.check_inside(self.shape)
         if not Box.whole(self.shape).contains(box):
             raise RegionError(f"Box lo={box.lo} hi={box.hi} reaches outside the volume of size {self.shape[::-1]} (i,j,k).")
+
+    def crop(self, box: Box) -> Volume:
+        """The sub-volume inside ``box`` with its exact geometry (same directions and spacing, moved origin)."""
+        self.check_box(box)
         origin = self.ijk_to_ras @ np.array([*box.lo, 1.0])
         return Volume(self.array[(...,) + box.slices].copy(), self.spacing, tuple(origin[:3]), self.directions.copy())
 
     def embed(self, sub: Volume, box: Box, fill: float = 0.0) -> Volume:
         """Place ``sub`` (a crop of this volume's grid at ``box``) into a full-size array of this geometry."""
-        out = np.full(sub.array.shape[:-3] + self.shape, fill, dtype=sub.array.dtype)
+        shape = sub.array.shape[:-3] + self.shape
+        # np.zeros leaves the pages outside ``box`` untouched: a map of a small extent in a whole part costs the
+        # extent's memory until something reads the rest (the NRRD writer reads it as the shared zero page).
+        out = (np.zeros(shape, sub.array.dtype) if fill == 0 else np.full(shape, fill, dtype=sub.array.dtype))
         out[(...,) + box.slices] = sub.array
         return self.with_array(out)
 
@@ -201,6 +209,47 @@ class Volume:
 
     def same_geometry(self, other: Volume) -> bool:
         return self.shape == other.shape and np.array_equal(self.ijk_to_ras, other.ijk_to_ras)
+
+
+class PlacedVolume(Volume):
+    """A full-size volume of ``whole``'s geometry that is the array ``sub`` inside ``box`` and ``fill`` elsewhere, as
+    ``dtype``; kept as those parts until its ``array`` is first read (then made once), and written to NRRD slab by
+    slab from them. A run's confidence over a predicted box in a whole part would otherwise be a part-sized array
+    of NaN, and a whole-volume confidence a float32 copy of the float16 prediction, held until its file is written.
+    """
+
+    def __init__(self, whole: Volume, sub: np.ndarray, box: Box, fill: float = 0.0, dtype: type = np.float32):
+        whole.check_box(box)
+        if tuple(sub.shape[-3:]) != box.shape or sub.ndim not in (3, 4):
+            raise InputError(f"An array of shape {sub.shape} does not fill a box of shape {box.shape} (k, j, i).")
+        self.spacing, self.origin, self.source = whole.spacing, whole.origin, None
+        self.directions = whole.directions.copy()
+        self.sub, self.box, self.fill, self.dtype = sub, box, float(fill), np.dtype(dtype)
+        self._shape, self._array = whole.shape, None
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            self._array = self.slab(0, self._shape[0])
+        return self._array
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self._shape
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.sub.ndim == 3 else self.sub.shape[0]
+
+    def slab(self, k0: int, k1: int) -> np.ndarray:
+        """The array's k-slices ``k0:k1`` ((k, j, i), or (c, k, j, i)), made from the parts."""
+        shape = self.sub.shape[:-3] + (k1 - k0,) + self._shape[1:]
+        out = np.zeros(shape, self.dtype) if self.fill == 0 else np.full(shape, self.fill, self.dtype)
+        lo, hi = max(k0, self.box.lo[2]), min(k1, self.box.hi[2])
+        if lo < hi:
+            rows = (slice(lo - k0, hi - k0), self.box.slices[1], self.box.slices[2])
+            out[(...,) + rows] = self.sub[..., lo - self.box.lo[2]:hi - self.box.lo[2], :, :]
+        return out
 
 
 def _given_spacing(spacing: Sequence[float] | None) -> tuple[float, float, float] | None:
@@ -265,13 +314,31 @@ def read_volume(path: str | os.PathLike, series: str | None = None,
         raise InputError(f"{path} is a {image.GetDimension()}-D image; CTXAI explains 3-D volumes only.")
     if given is not None:
         check_given_spacing(given, image.GetSpacing(), f"file {path}")
-    array = sitk.GetArrayFromImage(image)
+    array = _image_array(image)
     if image.GetNumberOfComponentsPerPixel() > 1:
         array = np.moveaxis(array, -1, 0)  # SimpleITK puts vector components last; the engine wants them first
     directions = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3) * _LPS_TO_RAS[:, None]
     origin = np.array(image.GetOrigin(), dtype=np.float64) * _LPS_TO_RAS
     return Volume(array, image.GetSpacing(), tuple(origin), directions,
                   source={"reader": "simpleitk", "path": str(path)})
+
+
+class _ImageBuffer:
+    """Exposes a SimpleITK image's voxel buffer to numpy and keeps the image alive as the array's base."""
+
+    def __init__(self, image, interface: dict):
+        self.image = image
+        # Writable: the image was read for this array alone, nothing else sees its buffer.
+        self.__array_interface__ = dict(interface, data=(interface["data"][0], False))
+
+
+def _image_array(image) -> np.ndarray:
+    """The image's voxels (k, j, i[, c]) without a copy: a copy of a whole part would double the memory a read
+    takes at its peak. (``GetArrayViewFromImage`` alone does not keep the image, hence the buffer holder.)"""
+    import SimpleITK as sitk
+
+    view = sitk.GetArrayViewFromImage(image)
+    return np.asarray(_ImageBuffer(image, view.__array_interface__))
 
 
 class atomic_output:
@@ -320,6 +387,14 @@ class atomic_output:
 
 
 def _write_file(volume: Volume, path: Path, compress: bool) -> None:
+    origin, directions = tuple(np.asarray(volume.origin) * _LPS_TO_RAS), volume.directions * _LPS_TO_RAS[:, None]
+    placed = isinstance(volume, PlacedVolume) and volume._array is None
+    if path.suffix.lower() == ".nrrd" and (volume.dtype if placed else volume.array.dtype) in NRRD_TYPES:
+        # Streamed: no volume-sized copy of a map while it is written (nor the whole of a placed one).
+        source = (volume.slab, volume.sub.shape[:-3] + volume.shape, volume.dtype) if placed else volume.array
+        with atomic_output(path) as tmp:
+            write_nrrd(source, volume.spacing, origin, directions, tmp, compress)
+        return
     import SimpleITK as sitk
 
     array = volume.array
@@ -328,8 +403,8 @@ def _write_file(volume: Volume, path: Path, compress: bool) -> None:
     is_vector = array.ndim == 4
     image = sitk.GetImageFromArray(np.moveaxis(array, 0, -1) if is_vector else array, isVector=is_vector)
     image.SetSpacing(volume.spacing)
-    image.SetOrigin(tuple(np.asarray(volume.origin) * _LPS_TO_RAS))
-    image.SetDirection(tuple((volume.directions * _LPS_TO_RAS[:, None]).ravel()))
+    image.SetOrigin(origin)
+    image.SetDirection(tuple(directions.ravel()))
     with atomic_output(path) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=compress)
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .geometry import Box
 from .modelcard import BLENDS
 
-__all__ = ["BatchSizes", "TileGrid", "batched", "crop_padded", "gaussian_importance", "predict_tiles"]
+__all__ = ["BatchSizes", "NormalisedInput", "TileGrid", "batched", "crop_padded", "gaussian_importance", "predict_tiles"]
 
 
 def _axis_gaussian(n: int, sigma_scale: float = 0.125) -> np.ndarray:
@@ -53,11 +53,28 @@ def _starts(size: int, patch: int, step: int) -> list[int]:
     return sorted(set(starts))
 
 
-def crop_padded(x: torch.Tensor, box: Box) -> torch.Tensor:
+class NormalisedInput:
+    """The volume as the model sees it, (1, C, K, J, I), normalised crop by crop when a tile reads it.
+
+    A normalised copy of a whole part would be as large as the part itself; the card's normalisations are voxel-
+    wise (with statistics fitted on the whole volume once), so normalising each crop gives the same voxels."""
+
+    def __init__(self, raw: np.ndarray, normalise: Callable[[np.ndarray], np.ndarray]):
+        self.raw = raw  # (C, K, J, I), any real dtype
+        self.normalise = normalise
+        self.shape = torch.Size((1,) + raw.shape)
+
+    def crop(self, box: Box) -> torch.Tensor:
+        """The normalised float32 crop (1, C, *box) of a box inside the volume."""
+        return torch.from_numpy(np.ascontiguousarray(self.normalise(self.raw[(slice(None),) + box.slices]),
+                                                     np.float32))[None]
+
+
+def crop_padded(x: torch.Tensor | NormalisedInput, box: Box) -> torch.Tensor:
     """``x[..., box]`` for an (N, C, K, J, I) tensor, replicating edge voxels where the box leaves the volume."""
     shape = x.shape[-3:]
     inside = box.clip(shape)
-    piece = x[(...,) + inside.slices]
+    piece = x.crop(inside) if isinstance(x, NormalisedInput) else x[(...,) + inside.slices]
     # F.pad takes (i_before, i_after, j_before, j_after, k_before, k_after).
     pad = []
     for axis in range(3):
