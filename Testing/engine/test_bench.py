@@ -80,3 +80,33 @@ def test_unknown_case_names_the_available_ones(tmp_path):
     assert message.startswith("error: No benchmark case matches 'nonexistent'")
     assert "classifier-gradcam" in message and "occlusion-incremental" in message and "nnunet-cam" in message
     assert "Traceback" not in out.stderr and not (tmp_path / "bench.json").exists()
+
+
+def _memory_rows(samples_roi=(3, 3), peaks=(700.0, 1210.0, 1000.0, 2700.0)):
+    def row(name, size, peak, samples):
+        return {"name": name, "volume_mib": size ** 3 * 4 / 2 ** 20,
+                "engine": {"peak_rss_mib": peak, "cold_run_model_samples": samples}}
+
+    return {"memory-roi128": row("memory-roi128", 128, peaks[0], samples_roi[0]),
+            "memory-roi512": row("memory-roi512", 512, peaks[1], samples_roi[1]),
+            "memory-whole128": row("memory-whole128", 128, peaks[2], 55),
+            "memory-whole512": row("memory-whole512", 512, peaks[3], 1027)}
+
+
+def test_memory_criteria_judge_the_part_and_refuse_runs_that_did_different_model_work():
+    """The part's memory is the large run's peak beyond the small one's; that difference means nothing when the
+    ROI runs did different model work (as when the 128³ run had 125 tiles and the 512³ one a single tile: the old
+    case "passed" with -0.33 volumes)."""
+    from CTXAILib.bench.run import _criteria, _memory_scaling
+
+    def verdicts(rows):
+        criteria = _criteria(rows, [], False, _memory_scaling(rows))
+        return [c for c in criteria if "part: peak RSS" in c["criterion"]]
+
+    roi, whole = verdicts(_memory_rows())
+    assert roi["pass"] is True and roi["value"] == pytest.approx(510 / 512)
+    assert whole["pass"] is True and whole["value"] == pytest.approx(1700 / 512)
+    roi, whole = verdicts(_memory_rows(peaks=(700.0, 1700.0, 1000.0, 3000.0)))  # 2 and 3.9 volumes beyond
+    assert roi["pass"] is False and whole["pass"] is False
+    roi, _ = verdicts(_memory_rows(samples_roi=(125, 3), peaks=(1400.0, 1260.0, 1000.0, 2700.0)))
+    assert roi["pass"] is None and roi["value"] is None and "not comparable" in roi["note"]

@@ -192,3 +192,29 @@ def test_large_volumes_a_streamed_roi_run_writes_what_it_computed(many_tiles, tm
     assert np.isnan(confidence.array).sum() == confidence.array.size - np.prod(predicted.shape) > 0
     assert np.isfinite(confidence.array[predicted.slices]).all() and attribution.array[result.extent.slices].any()
     assert np.array_equal(confidence.ijk_to_ras, attribution.ijk_to_ras)
+
+
+def test_large_volumes_constant_baselines_are_made_per_tile_and_still_warn(many_tiles):
+    """IG against air over a whole part built the normalised part and an air volume of its size before any tile
+    ran. A constant baseline is now made tile by tile and the normalised part is never made; the warning that a
+    baseline equals the input still comes (an all-air volume), and not for a volume that differs from air."""
+    from ctxai_testing import ct_volume
+
+    from CTXAILib import Volume
+    from CTXAILib.engine.explain import _Baselines
+    from CTXAILib.engine.geometry import Box
+
+    card, _volume = many_tiles
+    explainer = Explainer(load_model(card), device="cpu", overlap=0.0)
+    air = Volume(np.full((32, 32, 32), -1000.0, np.float32), (0.2, 0.2, 0.2))
+    for volume, equal in ((air, True), (ct_volume(shape=(32, 32, 32)), False)):
+        prepared = explainer.prepare(volume)
+        baselines = _Baselines(prepared, Box.whole(volume.shape), volume.spacing)
+        tile = baselines.crop("air", 2.0, Box((0, 0, 0), (16, 16, 16)))
+        assert tile.shape == (1, 1, 16, 16, 16) and float(tile.unique()) == prepared.air
+        assert "x" not in baselines.__dict__  # the normalised part was not made
+        assert bool(baselines.warnings()) == equal
+        assert "x" not in baselines.__dict__
+    result = explainer.explain(air, "integrated_gradients", Target("defect"),
+                               settings={"steps": 2, "baseline": "air"})
+    assert any("air baseline equals the input" in w for w in result.warnings)

@@ -57,7 +57,7 @@ def test_fail5_sigterm_is_handled_like_sigint(tmp_path, volume_file, classifier_
     process = subprocess.Popen([sys.executable, "-m", "CTXAILib.cli", "explain", "--volume", str(volume_file),
                                 "--model", str(classifier_card), "--method", "occlusion", "--set", "window=1", "--set",
                                 "stride=1", "--set", "engine=exhaustive", "--memory-mb", "32", "--device", "cpu",
-                                "--out", str(out)],
+                                "--out", str(out), "--force"],  # long on purpose: near the 2 h limit when loaded
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(4.0)
     assert process.poll() is None, process.communicate()

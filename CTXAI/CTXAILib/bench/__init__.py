@@ -11,8 +11,8 @@ Cases, on the bundled models and a synthetic part (seed :data:`BENCH_SEED`, whic
    there, and 256³ has 125 tiles), :data:`UNET_METHODS_CUDA` on a GPU;
 4. :data:`LOADED` (IG-32 on the classifier) again, timed while :data:`LOAD_PROCESSES` busy processes started and
    stopped by the benchmark compete for the CPU (row ``...-loaded``);
-5. memory only (``memory128``, ``memory512``): the U-Net's peak memory on a whole 512³ part, beyond its working set
-   (:data:`MEMORY_SHAPES`);
+5. memory only (``memory-roi128``, ``memory-roi512``, ``memory-whole128``, ``memory-whole256``): the U-Net's peak
+   memory on a large part beyond its working set, for one voxel and for the whole part (:data:`MEMORY_SCENARIOS`);
 6. only when named (``--cases nnunet-cam``): CTXAI's Grad-CAM against nnunetv2-cam's on a tiny nnU-Net, in the
    reference's own environment (:mod:`.nnunet_cam`).
 

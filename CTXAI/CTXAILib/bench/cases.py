@@ -8,8 +8,8 @@ from typing import Any, Sequence
 
 from ..errors import InputError
 
-__all__ = ["BENCH_SEED", "CLASSIFIER_METHODS", "LOADED", "LOAD_PROCESSES", "MEMORY_SHAPES", "MEMORY_MB",
-           "MEMORY_BOUND", "UNET_METHODS_CPU", "UNET_METHODS_CUDA", "OCCLUSION", "OCCLUSION_ENGINES", "BATCHES",
+__all__ = ["BENCH_SEED", "CLASSIFIER_METHODS", "LOADED", "LOAD_PROCESSES", "MEMORY_SCENARIOS", "MEMORY_MB",
+           "MEMORY_BOUNDS", "UNET_METHODS_CPU", "UNET_METHODS_CUDA", "OCCLUSION", "OCCLUSION_ENGINES", "BATCHES",
            "UNET_SHAPES", "OCCLUSION_PATCH", "QUICK_BATCHES", "Case", "plan_cases", "select_cases"]
 
 
@@ -23,15 +23,23 @@ CLASSIFIER_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
 LOADED = ("integrated_gradients", {"steps": 32})
 """The case timed again while :data:`LOAD_PROCESSES` busy processes compete for the CPU (a shared machine)."""
 LOAD_PROCESSES = 2
-MEMORY_SHAPES = (128, 512)
-"""Memory-only cases (``memoryN``): the U-Net's saliency at one voxel of a whole part, through ``ctxai explain``'s
-path (every volume-sized array of a run, its files written), the part the 128³ phantom repeated to N³. Both have a
-memory budget of :data:`MEMORY_MB`, so that their batches, and the model's working set, are alike; 128³ measures
-that working set (its tiles overlap by 3/4: 125 of them, enough for the same batch sizes), 512³ has abutting tiles
-(the memory does not depend on their number, the time does)."""
-MEMORY_MB = 1024.0
-MEMORY_BOUND = 1.5
-"""The bound on (peak RSS at 512³ - peak RSS at 128³) / the 512³ volume's float32 size."""
+MEMORY_SCENARIOS = {"roi": ((128, 0.0), (512, 0.0)), "whole": ((128, 0.5), (512, 0.0))}
+"""Memory-only cases (``memory-roi128``, ...), (size, tile overlap) per scenario: the U-Net's saliency through
+``ctxai explain``'s path (every part-sized array of a run, its files written), in a fresh process, on the 128³
+phantom repeated to N³, with the memory budget :data:`MEMORY_MB`. The small part's peak is the working set and the
+large part's peak beyond it, in volumes of the large part, is what the part itself costs (its own array included),
+so both runs of a scenario must batch alike. ``roi``: one voxel, abutting tiles (the same tiles at both sizes);
+``whole``: the target summed over the whole part (all of it predicted and explained), the small part's tiles
+overlapping by half (27 tiles) so that its batch-size search reaches the sizes of the large part's 512 tiles (about
+5 minutes on 2 cores; at 256³ the working set's own swings of ~100 MiB would be 1.5 volumes)."""
+MEMORY_MB = 512.0
+"""The memory cases' budget: the U-Net's 64³ tiles are estimated at 213 MiB a sample, so the batch-size search of
+both parts of a scenario stops at the same sizes (a larger part's search would otherwise reach larger batches, and
+their activations would count as the part's)."""
+MEMORY_BOUNDS = {"roi": 1.5, "whole": 3.75}
+"""Bounds on the large part's peak beyond the small one's, in its float32 volumes. ``roi``: the issue's 1.5 (the
+volume itself is one of them). ``whole``: what such a run must hold at once: the volume (1), its float32 map (1)
+and the float16 prediction of the U-Net's 3 classes (1.5), with a quarter for the blending window and slabs."""
 UNET_METHODS_CPU = ("saliency", "gradcam", "confidence")
 UNET_METHODS_CUDA = tuple(name for name, _ in CLASSIFIER_METHODS) + ("confidence",)
 OCCLUSION = {"window": 8, "stride": 4}
@@ -74,6 +82,7 @@ class Case:
     batches: list[int] = field(default_factory=lambda: list(BATCHES))
     load: int = 0               # busy processes that compete for the CPU while the case is timed
     memory_only: bool = False   # a fresh process's peak memory through ctxai explain's path; nothing is timed
+    memory_target: str | None = None  # a memory case's scenario: a key of MEMORY_SCENARIOS
     overlap: float = 0.25       # of the sliding window's tiles
     memory_mb: float | None = None  # the Explainer's memory budget (default: a share of free memory)
 
@@ -103,10 +112,10 @@ def plan_cases(device_type: str, quick: bool = False) -> tuple[list[Case], list[
     settings = dict(CLASSIFIER_METHODS)
     skipped = []
     if not quick:
-        cases += [Case(f"memory{size}", "unet", size, "saliency",
-                       [{"row": f"memory{size}", "settings": {}, "heavy": True}], memory_only=True,
-                       overlap=0.75 if size == MEMORY_SHAPES[0] else 0.0, memory_mb=MEMORY_MB)
-                  for size in MEMORY_SHAPES]
+        cases += [Case(f"memory-{scenario}{size}", "unet", size, "saliency",
+                       [{"row": f"memory-{scenario}{size}", "settings": {}, "heavy": True}], memory_only=True,
+                       overlap=overlap, memory_mb=MEMORY_MB, memory_target=scenario)
+                  for scenario, sizes in MEMORY_SCENARIOS.items() for size, overlap in sizes]
     for size in ((_QUICK_SHAPE,) if quick else UNET_SHAPES):
         heavy = cpu and size >= 256
         wanted = _QUICK_UNET if quick else (UNET_METHODS_CPU if cpu else UNET_METHODS_CUDA)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import InputError
-from .cases import (BATCHES, BENCH_SEED, LOAD_PROCESSES, MEMORY_BOUND, MEMORY_SHAPES, OCCLUSION_PATCH,
+from .cases import (BATCHES, BENCH_SEED, LOAD_PROCESSES, MEMORY_BOUNDS, MEMORY_SCENARIOS, OCCLUSION_PATCH,
                     QUICK_BATCHES, UNET_METHODS_CUDA, UNET_SHAPES, Case, plan_cases, select_cases)
 from .batch import BATCH_ROWS, format_batch, run_batch_rows
 from .children import run_child
@@ -134,15 +134,25 @@ def _memory_row(case: Case, memory: dict[str, Any], rss: float) -> dict[str, Any
                        "cold_run_cuda_peak_mib": memory["cuda_peak_mib"]}}
 
 
-def _memory_scaling(rows: dict[str, dict]) -> dict[str, Any] | None:
-    """The large part's peak beyond the small one's (the model's working set), in volumes of the large part."""
-    small, large = (rows.get(f"memory{size}") for size in MEMORY_SHAPES)
-    if small is None or large is None:
-        return None
-    beyond = large["engine"]["peak_rss_mib"] - small["engine"]["peak_rss_mib"]
-    return {"peak_rss_mib": [small["engine"]["peak_rss_mib"], large["engine"]["peak_rss_mib"]],
-            "volume_mib": large["volume_mib"], "beyond_working_set_mib": beyond,
-            "beyond_working_set_over_volume": beyond / large["volume_mib"]}
+_MEMORY_BASE = min(size for sizes in MEMORY_SCENARIOS.values() for size, _ in sizes)  # the phantom repeated
+
+
+def _memory_scaling(rows: dict[str, dict]) -> dict[str, dict[str, Any]]:
+    """Per scenario, the large part's peak beyond the small one's (the model's working set), in volumes of the
+    large part; ``comparable`` is False when the two runs of a scenario that should do the same model work did not
+    (their difference would then be that work's memory, not the part's)."""
+    out = {}
+    for scenario, ((small_size, _), (large_size, _)) in MEMORY_SCENARIOS.items():
+        small, large = rows.get(f"memory-{scenario}{small_size}"), rows.get(f"memory-{scenario}{large_size}")
+        if small is None or large is None:
+            continue
+        beyond = large["engine"]["peak_rss_mib"] - small["engine"]["peak_rss_mib"]
+        samples = [small["engine"]["cold_run_model_samples"], large["engine"]["cold_run_model_samples"]]
+        out[scenario] = {"peak_rss_mib": [small["engine"]["peak_rss_mib"], large["engine"]["peak_rss_mib"]],
+                         "volume_mib": large["volume_mib"], "beyond_working_set_mib": beyond,
+                         "beyond_working_set_over_volume": beyond / large["volume_mib"], "model_samples": samples,
+                         "comparable": scenario != "roi" or samples[0] == samples[1]}
+    return out
 
 
 def _criterion(text: str, value: float | None, relation: str, bound, missing: str, note: str | None) -> dict:
@@ -192,10 +202,17 @@ def _criteria(rows: dict[str, dict], scaling: list[dict], quick: bool, memory: d
                        1.25))
         checks.append((f"U-Net {item['method']}: time 256³/128³ within ±20 % of the voxel ratio (8)",
                        item["time_ratio"], "", "between", [6.4, 9.6]))
-    small, large = MEMORY_SHAPES
-    checks.append((f"U-Net saliency on a {large}³ part: peak RSS ≤ {MEMORY_BOUND:g}× its float32 volume + the "
-                   f"working set (the {small}³ run's peak)", memory and memory["beyond_working_set_over_volume"],
-                   f"not measured: needs memory{small} and memory{large}", "<=", MEMORY_BOUND))
+    for scenario, ((small, _), (large, _)) in MEMORY_SCENARIOS.items():
+        item = (memory or {}).get(scenario)
+        missing = f"not measured: needs memory-{scenario}{small} and memory-{scenario}{large}"
+        if item and not item["comparable"]:
+            missing = (f"not comparable: the runs made {item['model_samples'][0]} and {item['model_samples'][1]} "
+                       "model samples, so their difference is not the part's memory")
+        where = "one voxel of a" if scenario == "roi" else "a whole"
+        checks.append((f"U-Net saliency of {where} {large}³ part: peak RSS ≤ {MEMORY_BOUNDS[scenario]:g}× its "
+                       f"float32 volume + the working set (the {small}³ run's peak)",
+                       item["beyond_working_set_over_volume"] if item and item["comparable"] else None, missing, "<=",
+                       MEMORY_BOUNDS[scenario]))
     if not scaling:
         checks.append(("U-Net peak RSS 256³/128³ ≤ 1.25", None, "not measured: needs U-Net rows at 128³ and 256³",
                        "<=", 1.25))
@@ -298,7 +315,7 @@ def run_bench(out: str | Path, device: str = "auto", precision: str = "fp32", re
         phantoms, volumes, targets = [], {}, {}
         memory_only = [case for case in planned if case.memory_only]
         for shape in sorted({case.shape for case in planned if not case.memory_only}
-                            | ({MEMORY_SHAPES[0]} if memory_only else set())):
+                            | ({_MEMORY_BASE} if memory_only else set())):
             log(f"generating the benchmark phantom (seed {BENCH_SEED}, {shape}³ voxels)")
             phantom = generate_phantom(BENCH_SEED, (shape,) * 3)
             volumes[shape] = str(save_phantom(phantom, workdir / f"phantom{shape}")["ct"])
@@ -308,16 +325,17 @@ def run_bench(out: str | Path, device: str = "auto", precision: str = "fp32", re
                 voxel, name, defect = _pick_defect(phantom, OCCLUSION_PATCH)
                 targets[shape] = {"class": name, "voxel": voxel}
                 phantoms[-1]["classifier_target"] = {"class": name, "voxel_ijk": voxel, "defect": defect}
-        for case in memory_only:
-            volumes[case.name] = _repeated(volumes[MEMORY_SHAPES[0]], case.shape, workdir / case.name)
+        for size in sorted({case.shape for case in memory_only}):  # all read alike: uncompressed
+            volumes[f"memory{size}"] = _repeated(volumes[_MEMORY_BASE], size, workdir / f"memory{size}")
         batches = list(QUICK_BATCHES if quick else BATCHES)
         rows: dict[str, dict] = {}
         for number, case in enumerate(planned, start=1):
             case = replace(case, card=str(cards[case.model]), device=str(resolved),
-                           volume=volumes[case.name if case.memory_only else case.shape],
+                           volume=volumes[f"memory{case.shape}" if case.memory_only else case.shape],
                            precision=precision, repeats=1 if quick else repeats, batches=batches,
                            target=targets[case.shape] if case.model != "unet" else
-                           {"class": "void", "voxel": [case.shape // 2 - 8] * 3 if case.memory_only else None})
+                           {"class": "void",
+                            "voxel": [case.shape // 2 - 8] * 3 if case.memory_target == "roi" else None})
             if case.memory_only:
                 log(f"[{number}/{len(planned)}] {case.name}: engine memory run (ctxai explain's path)")
                 rows[case.name] = _memory_row(case, *run_child("memory", case, workdir))
@@ -393,11 +411,11 @@ def format_table(report: dict[str, Any]) -> str:
     for item in report["unet_scaling"]:
         notes.append(f"  U-Net {item['method']} 256³/128³: time ×{_cell(item['time_ratio'], 2)} (voxels ×8, tiles "
                      f"×{_cell(item['tile_ratio'], 2)}), peak RSS ×{_cell(item['peak_rss_ratio'], 2)}")
-    memory = report.get("memory_scaling")
-    if memory:
-        notes.append(f"  peak RSS {memory['peak_rss_mib'][1]:.0f} MiB = the working set ({memory['peak_rss_mib'][0]:.0f}"
-                     f" MiB) + {memory['beyond_working_set_over_volume']:.2f}× the volume ({memory['volume_mib']:.0f} "
-                     "MiB)")
+    for scenario, memory in (report.get("memory_scaling") or {}).items():
+        notes.append(f"  memory-{scenario}: peak RSS {memory['peak_rss_mib'][1]:.0f} MiB = the working set "
+                     f"({memory['peak_rss_mib'][0]:.0f} MiB) + {memory['beyond_working_set_over_volume']:.2f}× the "
+                     f"volume ({memory['volume_mib']:.0f} MiB); model samples {memory['model_samples'][0]} and "
+                     f"{memory['model_samples'][1]}")
     if notes:
         lines += ["", "notes:"] + notes
     if "batch" in report:

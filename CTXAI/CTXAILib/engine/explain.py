@@ -11,6 +11,7 @@ True
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import time
 from dataclasses import dataclass, field, replace
@@ -44,6 +45,9 @@ _TIME_LIMIT_S = 2 * 3600.0  # a run estimated to take longer is refused unless f
 _ESTIMATED_PASSES = 32      # runs of fewer tile passes start without a timed pass: they cost less than measuring
 _CLIPPED = 0.5              # a larger fraction of voxels beyond one end of the card's window is warned about
                             # (air below the window's low end is common: half of its noisy voxels lie below)
+
+
+_CONSTANT_BASELINES = ("zeros", "air")  # baselines that are one value: made tile by tile
 
 
 def volume_sha256(volume: Volume) -> str:
@@ -1073,14 +1077,24 @@ class Explainer:
 
 
 class _Baselines:
-    """Baselines computed once over the extent (so blur and part mean see the whole part) and cropped per tile."""
+    """Baselines computed once over the extent (so blur and part mean see the whole part) and cropped per tile.
+
+    The normalised extent is made only when something needs all of it (a blurred or part-mean baseline, a
+    volume method, a quality check): over a whole part it is another part-sized array. A constant baseline (zeros,
+    air) is made tile by tile."""
 
     def __init__(self, prepared: _Prepared, extent: Box, spacing: tuple[float, float, float]):
-        self.x = crop_padded(prepared.x, extent)
+        self.prepared = prepared
         self.extent_box = extent
         self.air = prepared.air
         self.spacing = spacing
         self._cache: dict[tuple[str, float], torch.Tensor] = {}
+        self._constants: set[str] = set()
+
+    @functools.cached_property
+    def x(self) -> torch.Tensor:
+        """The normalised input over the extent, (1, C, *extent)."""
+        return crop_padded(self.prepared.x, self.extent_box)
 
     def extent(self, kind: str, sigma_mm: float = 2.0) -> torch.Tensor:
         key = (kind, float(sigma_mm))
@@ -1089,13 +1103,34 @@ class _Baselines:
         return self._cache[key]
 
     def crop(self, kind: str, sigma_mm: float, tile: Box) -> torch.Tensor:
+        if kind in _CONSTANT_BASELINES:
+            self._constants.add(kind)
+            return torch.full((1, self.prepared.x.shape[1]) + tile.shape, self._constant(kind))
         return crop_padded(self.extent(kind, sigma_mm), tile.offset([-v for v in self.extent_box.lo]))
+
+    def _constant(self, kind: str) -> float:
+        return 0.0 if kind == "zeros" else float(self.air)
+
+    def _range(self) -> tuple[float, float]:
+        """The normalised extent's smallest and largest value, read slab by slab unless it is made already."""
+        if "x" in self.__dict__:
+            return float(self.x.min()), float(self.x.max())
+        box, lo, hi = self.extent_box, np.inf, -np.inf
+        for k in range(box.lo[2], box.hi[2], 16):
+            slab = crop_padded(self.prepared.x, Box(box.lo[:2] + (k,), box.hi[:2] + (min(k + 16, box.hi[2]),)))
+            lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
+        return lo, hi
 
     def warnings(self) -> list[str]:
         """A warning per baseline the run used that is the input itself, within a thousandth of the input's range
         (a uniform volume's part mean, a blur over huge voxels): attributions against it are all zero."""
-        scale = float(self.x.max() - self.x.min()) or 1.0
+        if not self._cache and not self._constants:
+            return []
+        lo, hi = self._range()
+        scale = (hi - lo) or 1.0
         differences = {kind: float((baseline - self.x).abs().max()) for (kind, _), baseline in self._cache.items()}
+        differences.update({kind: max(abs(self._constant(kind) - lo), abs(self._constant(kind) - hi))
+                            for kind in self._constants})
         return [f"The {kind.replace('_', ' ')} baseline equals the input here (largest difference {difference:.2g}), "
                 "so the map is zero everywhere. Choose another baseline (--set baseline=..., listed by "
                 "`ctxai methods`)." for kind, difference in differences.items() if difference <= 1e-3 * scale]

@@ -78,7 +78,8 @@ def write_nrrd(source: np.ndarray | tuple[Slab, tuple[int, ...], type], spacing,
         raise TypeError(f"NRRD cannot hold voxels of dtype {dtype}")
     with open(path, "wb") as file:
         file.write(_header(shape, dtype, spacing, origin_lps, directions_lps, compress))
-        # Level 1: a map compresses about as well as at the default level, in a fraction of the time.
+        # Level 1: a 512³ saliency map compressed 4.26:1 (level 6: 4.30:1), a confidence map 7.0:1 (7.8:1), at
+        # 1.4x and 6.5x level 6's speed.
         stream: BinaryIO = gzip.GzipFile(fileobj=file, mode="wb", compresslevel=1, mtime=0) if compress else file
         try:
             for part in _slabs(slab, shape, dtype):
