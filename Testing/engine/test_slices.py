@@ -127,6 +127,14 @@ def test_dicom_geometry_and_rescale_round_trip(tmp_path):
     slope = back.source["rescale_slope_intercept"][0]
     assert 0 < slope < 0.01  # 65536 levels over the range: quantised to half a step at most
     assert np.abs(back.array - noisy.array).max() <= slope / 2 * 1.001
+    # Read as float32, not ITK's float64 for rescaled slices (twice the volume, and a copy of that): the same grey
+    # values as a float64 read to float32's precision.
+    assert back.array.dtype == np.float32 and back.array.flags.writeable
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sorted(str(p) for p in (tmp_path / "noisy").iterdir()))
+    wide64 = sitk.GetArrayFromImage(reader.Execute())
+    assert wide64.dtype == np.float64
+    np.testing.assert_allclose(back.array, wide64, rtol=1e-6, atol=1e-4)
 
 
 def test_tiff_spacing_from_tags_natural_order_and_multipage(tmp_path):

@@ -25,8 +25,8 @@ import numpy as np
 from ..errors import InputError, OutputError, RegionError
 from .files import regular_file
 from .nrrd import NRRD_TYPES, write_nrrd
-from .slices import (TIFF_SUFFIXES, Slices, check_given_spacing, is_single_dicom_slice, looks_like_dicom,
-                     read_slice_folder, read_tiff_file, write_dicom_series, write_tiff_stack)
+from .slices import (TIFF_SUFFIXES, Slices, check_given_spacing, image_array, is_single_dicom_slice,
+                     looks_like_dicom, read_slice_folder, read_tiff_file, write_dicom_series, write_tiff_stack)
 
 __all__ = ["Box", "PlacedVolume", "Volume", "read_volume", "write_volume", "atomic_output"]
 
@@ -314,31 +314,13 @@ def read_volume(path: str | os.PathLike, series: str | None = None,
         raise InputError(f"{path} is a {image.GetDimension()}-D image; CTXAI explains 3-D volumes only.")
     if given is not None:
         check_given_spacing(given, image.GetSpacing(), f"file {path}")
-    array = _image_array(image)
+    array = image_array(image)
     if image.GetNumberOfComponentsPerPixel() > 1:
         array = np.moveaxis(array, -1, 0)  # SimpleITK puts vector components last; the engine wants them first
     directions = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3) * _LPS_TO_RAS[:, None]
     origin = np.array(image.GetOrigin(), dtype=np.float64) * _LPS_TO_RAS
     return Volume(array, image.GetSpacing(), tuple(origin), directions,
                   source={"reader": "simpleitk", "path": str(path)})
-
-
-class _ImageBuffer:
-    """Exposes a SimpleITK image's voxel buffer to numpy and keeps the image alive as the array's base."""
-
-    def __init__(self, image, interface: dict):
-        self.image = image
-        # Writable: the image was read for this array alone, nothing else sees its buffer.
-        self.__array_interface__ = dict(interface, data=(interface["data"][0], False))
-
-
-def _image_array(image) -> np.ndarray:
-    """The image's voxels (k, j, i[, c]) without a copy: a copy of a whole part would double the memory a read
-    takes at its peak. (``GetArrayViewFromImage`` alone does not keep the image, hence the buffer holder.)"""
-    import SimpleITK as sitk
-
-    view = sitk.GetArrayViewFromImage(image)
-    return np.asarray(_ImageBuffer(image, view.__array_interface__))
 
 
 class atomic_output:

@@ -9,9 +9,9 @@ writers inside an atomic folder.
 DICOM geometry is DICOM's own: origin from the first slice's ImagePositionPatient, i and j directions from
 ImageOrientationPatient, in-plane spacing from PixelSpacing, slice spacing from the positions of the first and last
 slices; these are decimal strings of at most 16 characters, so a round trip keeps about 15 significant digits.
-Grey values have RescaleSlope and RescaleIntercept applied. A TIFF stack stores only the voxel spacing (resolution
-tags with their unit, or ImageJ's ``spacing`` and ``unit``); it is read as Slicer and ITK read TIFF files: voxel
-(0, 0, 0) at the origin, the i, j, k axes along L, P and S.
+Grey values have RescaleSlope and RescaleIntercept applied, as float32. A TIFF stack stores only the voxel spacing
+(resolution tags with their unit, or ImageJ's ``spacing`` and ``unit``); it is read as Slicer and ITK read TIFF
+files: voxel (0, 0, 0) at the origin, the i, j, k axes along L, P and S.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import numpy as np
 
 from ..errors import InputError, OutputError
 
-__all__ = ["Slices", "TIFF_SUFFIXES", "check_given_spacing", "is_single_dicom_slice", "looks_like_dicom", "natural_key",
-           "read_slice_folder", "read_tiff_file", "write_dicom_series", "write_tiff_stack"]
+__all__ = ["Slices", "TIFF_SUFFIXES", "check_given_spacing", "image_array", "is_single_dicom_slice", "looks_like_dicom",
+           "natural_key", "read_slice_folder", "read_tiff_file", "write_dicom_series", "write_tiff_stack"]
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
@@ -254,6 +254,8 @@ def _read_series(folder: Path, uid: str, paths: list[Path]) -> Slices:
     _check_slice_positions(folder, uid, paths, headers)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(p) for p in paths])
+    # Rescaled slices would come as float64 (twice the volume); float32 keeps a grey value to 6e-8 of itself.
+    reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
         with _quiet_itk():
             image = reader.Execute()
@@ -266,8 +268,26 @@ def _read_series(folder: Path, uid: str, paths: list[Path]) -> Slices:
         source["description"] = description
     rescale = {(_tag(h, "0028|1053") or "1", _tag(h, "0028|1052") or "0") for h in headers}
     source["rescale_slope_intercept"] = ([float(v) for v in rescale.pop()] if len(rescale) == 1 else "per slice")
-    return Slices(sitk.GetArrayFromImage(image), tuple(image.GetSpacing()), tuple(image.GetOrigin()),
+    return Slices(image_array(image), tuple(image.GetSpacing()), tuple(image.GetOrigin()),
                   np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3), source)
+
+
+class _ImageBuffer:
+    """Exposes a SimpleITK image's voxel buffer to numpy and keeps the image alive as the array's base."""
+
+    def __init__(self, image, interface: dict):
+        self.image = image
+        # Writable: the image was read for this array alone, nothing else sees its buffer.
+        self.__array_interface__ = dict(interface, data=(interface["data"][0], False))
+
+
+def image_array(image) -> np.ndarray:
+    """The image's voxels (k, j, i[, c]) without a copy: a copy of a whole part would double the memory a read
+    takes at its peak. (``GetArrayViewFromImage`` alone does not keep the image, hence the buffer holder.)"""
+    import SimpleITK as sitk
+
+    view = sitk.GetArrayViewFromImage(image)
+    return np.asarray(_ImageBuffer(image, view.__array_interface__))
 
 
 def _damaged_slice(paths: list[Path]) -> str:
