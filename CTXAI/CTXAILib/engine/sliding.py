@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from .geometry import Box
 from .modelcard import BLENDS
 
-__all__ = ["BatchSizes", "NormalisedInput", "TileGrid", "batched", "crop_padded", "gaussian_importance", "predict_tiles"]
+__all__ = ["BatchSizes", "NormalisedInput", "TileGrid", "batched", "crop_padded", "gaussian_importance",
+           "predict_tiles"]
 
 
 def _axis_gaussian(n: int, sigma_scale: float = 0.125) -> np.ndarray:
