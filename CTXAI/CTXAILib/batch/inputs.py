@@ -54,29 +54,29 @@ def _part_id(path: Path) -> str:
     return name
 
 
-def _ints(value: Any, count: int, what: str, where: str) -> list[int] | None:
+def _numbers(value: Any, kind: type) -> list | None:
+    """A manifest cell's numbers (a JSON list, or text split at commas, semicolons or spaces); None for an empty
+    cell, [] for one that does not parse."""
     if value is None or value == "":
         return None
     parts = value if isinstance(value, list) else re.split(r"[\s,;]+", str(value).strip())
     try:
-        numbers = [int(v) for v in parts]
+        return [kind(v) for v in parts]
     except (TypeError, ValueError):
-        numbers = []
-    if len(numbers) != count:
+        return []
+
+
+def _ints(value: Any, count: int, what: str, where: str) -> list[int] | None:
+    numbers = _numbers(value, int)
+    if numbers is not None and len(numbers) != count:
         raise InputError(f"{where}: {what} needs {count} integers (i,j,k{',i1,j1,k1' if count == 6 else ''}), got "
                          f"{value!r}. Fix that row of the manifest.")
     return numbers
 
 
 def _spacing(value: Any, where: str) -> list[float] | None:
-    if value is None or value == "":
-        return None
-    parts = value if isinstance(value, list) else re.split(r"[\s,;]+", str(value).strip())
-    try:
-        numbers = [float(v) for v in parts]
-    except (TypeError, ValueError):
-        numbers = []
-    if len(numbers) != 3 or not all(0 < v < float("inf") for v in numbers):
+    numbers = _numbers(value, float)
+    if numbers is not None and (len(numbers) != 3 or not all(0 < v < float("inf") for v in numbers)):
         raise InputError(f"{where}: spacing needs three voxel sizes in mm (sx,sy,sz), got {value!r}. Fix that row "
                          "of the manifest.")
     return numbers
