@@ -196,12 +196,7 @@ class Volume:
 
     def embed(self, sub: Volume, box: Box, fill: float = 0.0) -> Volume:
         """Place ``sub`` (a crop of this volume's grid at ``box``) into a full-size array of this geometry."""
-        shape = sub.array.shape[:-3] + self.shape
-        # np.zeros leaves the pages outside ``box`` untouched: a map of a small extent in a whole part costs the
-        # extent's memory until something reads the rest (the NRRD writer reads it as the shared zero page).
-        out = (np.zeros(shape, sub.array.dtype) if fill == 0 else np.full(shape, fill, dtype=sub.array.dtype))
-        out[(...,) + box.slices] = sub.array
-        return self.with_array(out)
+        return self.with_array(PlacedVolume(self, sub.array, box, fill, sub.array.dtype).array)
 
     def ras_to_ijk(self, ras: Sequence[float]) -> np.ndarray:
         """Continuous (i, j, k) index of a RAS point."""
@@ -244,6 +239,8 @@ class PlacedVolume(Volume):
     def slab(self, k0: int, k1: int) -> np.ndarray:
         """The array's k-slices ``k0:k1`` ((k, j, i), or (c, k, j, i)), made from the parts."""
         shape = self.sub.shape[:-3] + (k1 - k0,) + self._shape[1:]
+        # np.zeros leaves the pages outside ``box`` untouched: a map of a small extent in a whole part costs the
+        # extent's memory until something reads the rest (the NRRD writer reads it as the shared zero page).
         out = np.zeros(shape, self.dtype) if self.fill == 0 else np.full(shape, self.fill, self.dtype)
         lo, hi = max(k0, self.box.lo[2]), min(k1, self.box.hi[2])
         if lo < hi:
